@@ -1,0 +1,60 @@
+"""Builds the Serve application from the typed config: one engine deployment per model, one ingress.
+
+    serve run serve_app/configs/serve.yaml            # Serve config file, shipped in the repo
+    serve run serve_app.app:build_app config=path/to/models.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.resources import cluster_has_gpus
+from serve_app.config import DEFAULT_CONFIG, AppConfig, ModelConfig, load_config
+from serve_app.engine import CPU_ENGINE_ENV, EngineDeployment
+from serve_app.ingress import Ingress
+
+log = logging.getLogger("tuneserve.app")
+
+
+def engine_deployment_name(model_id: str) -> str:
+    return "Engine:" + model_id.replace("/", "--")
+
+
+def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
+    num_gpus = model.resources.num_gpus
+    if num_gpus == "auto":
+        num_gpus = model.tensor_parallel_size if gpus_present else 0
+    on_gpu = num_gpus > 0
+    actor_options = {"num_cpus": model.resources.num_cpus, "num_gpus": num_gpus}
+    if not on_gpu:
+        actor_options["runtime_env"] = {"env_vars": dict(CPU_ENGINE_ENV)}
+    deployment = serve.deployment(EngineDeployment).options(
+        name=engine_deployment_name(model.id),
+        ray_actor_options=actor_options,
+        max_ongoing_requests=model.max_ongoing_requests,
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=5,
+        **model.serve_scaling(),
+    )
+    return deployment.bind(model, on_gpu)
+
+
+def build_from_config(config: AppConfig) -> Application:
+    gpus_present = cluster_has_gpus()
+    engines = {model.id: _engine_app(model, gpus_present) for model in config.models}
+    return Ingress.options(num_replicas=config.ingress.num_replicas).bind(config, engines)
+
+
+def build_app(args: dict | None = None) -> Application:
+    """Serve application builder: `args.config` names the YAML config (default: configs/default.yaml)."""
+    path = Path((args or {}).get("config") or DEFAULT_CONFIG)
+    if not path.is_absolute() and not path.exists():  # `serve deploy` builds in the controller's cwd
+        path = Path(__file__).resolve().parent.parent / path
+    config = load_config(path)
+    log.info("building tuneserve from %s: models %s", path, [m.id for m in config.models])
+    return build_from_config(config)

@@ -1,0 +1,154 @@
+"""The HTTP front: FastAPI routes of the OpenAI API, deployed as the Serve ingress.
+
+Routes stay thin: validation lives in protocol.py, generation in serving.py, providers behind them.
+The ingress never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.auth import KeyStore
+from serve_app.config import AppConfig
+from serve_app.metrics import ServingMetrics
+from serve_app.protocol import APIError, ChatCompletionRequest, CompletionRequest, format_validation_error
+from serve_app.providers.local import LocalEngineProvider
+from serve_app.serving import OpenAIServing
+
+log = logging.getLogger("tuneserve.ingress")
+
+HEALTH_TIMEOUT_S = 10.0
+
+
+class RequestGuard:
+    """ASGI middleware run before the body is parsed: API keys on /v1/*, and the body size limit (413)."""
+
+    def __init__(self, app, max_body_bytes: int = 1 << 20, keys: KeyStore | None = None):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.keys = keys or KeyStore([])
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            if scope["path"].startswith("/v1/"):
+                headers = dict(scope.get("headers") or ())
+                authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+                scope.setdefault("state", {})["api_key_name"] = self.keys.authenticate(authorization)
+                declared = headers.get(b"content-length")
+                if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                    raise self._too_large()
+        except APIError as exc:
+            return await exc.response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():  # bodies without Content-Length (chunked) are counted as they arrive
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except APIError as exc:
+            await exc.response()(scope, receive, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"Request body is larger than the limit of {self.max_body_bytes} bytes.",
+                        code="request_too_large")
+
+
+api = FastAPI(title="tuneserve", description="OpenAI-compatible API over vLLM engines on Ray Serve.",
+              docs_url="/docs", redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    for error in errors:  # pydantic prefixes model-level messages with "Value error, "
+        error["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
+    if errors and errors[0].get("type") == "missing" and tuple(errors[0].get("loc", ())) == ("body",):
+        return APIError(400, "The request body is missing: send a JSON object.", code="missing_body").response()
+    return format_validation_error(errors).response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return APIError(exc.status_code, str(exc.detail)).response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return APIError(500, f"Internal error: {type(exc).__name__}").response()
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config: AppConfig, engines: dict):
+        self.config = config
+        self.metrics = ServingMetrics()
+        providers = {model_id: LocalEngineProvider(model_id, handle) for model_id, handle in engines.items()}
+        self.providers = providers
+        self.serving = OpenAIServing(providers, self.metrics, config.ingress.max_n)
+        # Added per replica: the guard's limits and keys come from this app's config.
+        api.user_middleware.clear()
+        api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,
+                           keys=KeyStore(config.ingress.api_keys))
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict:
+        models = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by,
+                   "max_model_len": m.max_model_len} for m in self.config.models]
+        return {"object": "list", "data": models}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> dict:
+        for model in (await self.list_models())["data"]:
+            if model["id"] == model_id:
+                return model
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        return await self.serving.chat_completion(body)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        return await self.serving.completion(body)
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 when every engine answers its health check in time; 503 naming the ones that do not."""
+        async def probe(model_id: str, provider: LocalEngineProvider):
+            try:
+                await asyncio.wait_for(provider.check_health(), HEALTH_TIMEOUT_S)
+                return model_id, "ok"
+            except Exception as exc:
+                return model_id, f"unhealthy: {type(exc).__name__}"
+
+        results = dict(await asyncio.gather(*(probe(m, p) for m, p in self.providers.items())))
+        healthy = all(state == "ok" for state in results.values())
+        return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": results},
+                            status_code=200 if healthy else 503)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,1 @@
+"""Everything that can serve a model is a provider; local engines are one kind."""
