@@ -69,8 +69,12 @@ class EngineDeployment:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream the request's output, several engine steps per chunk (at most one chunk per interval)."""
-        prompt_ids = self._prompt_token_ids(request)
-        params = self._sampling_params(request.sampling, len(prompt_ids), request.messages is not None)
+        try:
+            prompt_ids = self._prompt_token_ids(request)
+            params = self._sampling_params(request.sampling, len(prompt_ids), request.messages is not None)
+        except EngineRequestError as exc:
+            yield GenerateChunk(choices=[], prompt_tokens=0, finished=True, error=exc)
+            return
         stream = self.engine.generate({"prompt_token_ids": prompt_ids}, params, request.request_id)
         top_k = request.sampling.logprobs
         try:

@@ -58,6 +58,9 @@ class GenerateChunk:
     choices: list[ChoiceDelta]
     prompt_tokens: int
     finished: bool = False
+    # A refused request ends its stream with one chunk carrying the error, rather than raising across
+    # Ray: that keeps user errors out of the replica's error log and off the exception-wrapping path.
+    error: "EngineRequestError | None" = None
 
 
 @dataclass(slots=True)

@@ -83,8 +83,10 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     errors = list(exc.errors())
     for error in errors:  # pydantic prefixes model-level messages with "Value error, "
         error["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
-    if errors and errors[0].get("type") == "missing" and tuple(errors[0].get("loc", ())) == ("body",):
-        return APIError(400, "The request body is missing: send a JSON object.", code="missing_body").response()
+    body_level = errors and tuple(errors[0].get("loc", ())) == ("body",)
+    if body_level and errors[0].get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
+        return APIError(400, "The request body must be a JSON object (Content-Type: application/json).",
+                        code="invalid_body").response()
     return format_validation_error(errors).response()
 
 

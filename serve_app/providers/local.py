@@ -31,7 +31,11 @@ class LocalEngineProvider:
         try:
             async for chunk in responses:
                 finished = chunk.finished
+                if chunk.error is not None:
+                    raise chunk.error
                 yield chunk
+        except EngineRequestError:
+            raise
         except Exception as exc:
             typed = _engine_error(exc)
             if typed is not None:

@@ -1,0 +1,211 @@
+"""A local Ray head for the embedded default: explicit ports on 127.0.0.1, its own temp dir, token auth,
+and stopped by PID (never `ray stop`, which would stop every Ray on the host).
+
+    python -m cluster.local up        # start the head (no-op when it is already up)
+    python -m cluster.local status
+    python -m cluster.local env       # `eval "$(python -m cluster.local env)"` before ray/serve CLIs
+    python -m cluster.local down      # stop exactly the processes this head started
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from cluster.paths import ray_dir
+
+
+class LocalRayPorts(BaseModel):
+    """Every port Ray opens, pinned, so that the head never collides with another Ray on this host."""
+
+    gcs: int
+    dashboard: int
+    client_server: int
+    node_manager: int
+    object_manager: int
+    metrics_export: int
+    dashboard_agent_listen: int
+    dashboard_agent_grpc: int
+    runtime_env_agent: int
+    min_worker: int
+    max_worker: int
+
+    @classmethod
+    def from_env(cls) -> "LocalRayPorts":
+        """`TUNESERVE_RAY_PORT` (GCS, default 6390) and the next 7 ports; `TUNESERVE_DASHBOARD_PORT`
+        (default 8265); workers use `TUNESERVE_RAY_WORKER_PORTS` (default 11000-11999)."""
+        base = int(os.environ.get("TUNESERVE_RAY_PORT", 6390))
+        low, high = os.environ.get("TUNESERVE_RAY_WORKER_PORTS", "11000-11999").split("-")
+        return cls(gcs=base, node_manager=base + 1, object_manager=base + 2, metrics_export=base + 3,
+                   dashboard_agent_listen=base + 4, dashboard_agent_grpc=base + 5, runtime_env_agent=base + 6,
+                   client_server=base + 7, dashboard=int(os.environ.get("TUNESERVE_DASHBOARD_PORT", 8265)),
+                   min_worker=int(low), max_worker=int(high))
+
+
+HOST = "127.0.0.1"
+
+
+def gcs_address(ports: LocalRayPorts | None = None) -> str:
+    return f"{HOST}:{(ports or LocalRayPorts.from_env()).gcs}"
+
+
+def dashboard_url(ports: LocalRayPorts | None = None) -> str:
+    return f"http://{HOST}:{(ports or LocalRayPorts.from_env()).dashboard}"
+
+
+def token_path() -> Path:
+    return ray_dir() / "auth_token"
+
+
+def client_env() -> dict[str, str]:
+    """What a Ray client (ray job submit, serve deploy, ray.init) needs to reach this head."""
+    return {
+        "RAY_ADDRESS": dashboard_url(),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path()),
+    }
+
+
+def _pidfile() -> Path:
+    return ray_dir() / "head.pids"
+
+
+def _our_processes() -> set[int]:
+    """PIDs whose command line names our temp dir: the head's daemons and the workers they spawned."""
+    marker = str(ray_dir())
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def _recorded_pids() -> set[int]:
+    try:
+        return {int(line) for line in _pidfile().read_text().split() if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def is_up() -> bool:
+    try:
+        with socket.create_connection((HOST, LocalRayPorts.from_env().gcs), timeout=1):
+            return any(_alive(pid) for pid in _recorded_pids())
+    except OSError:
+        return False
+
+
+def up(num_cpus: int | None = None) -> None:
+    if is_up():
+        print(f"Ray head already running at {gcs_address()} (dashboard {dashboard_url()})")
+        return
+    ports = LocalRayPorts.from_env()
+    root = ray_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if not token_path().exists():
+        token_path().write_text(uuid.uuid4().hex)
+        token_path().chmod(0o600)
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    cmd = [
+        ray_cli, "start", "--head", "--disable-usage-stats",
+        f"--node-ip-address={HOST}", f"--port={ports.gcs}",
+        "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={ports.dashboard}",
+        f"--ray-client-server-port={ports.client_server}",
+        f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
+        f"--metrics-export-port={ports.metrics_export}",
+        f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+        f"--runtime-env-agent-port={ports.runtime_env_agent}",
+        f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}",
+        f"--temp-dir={root}",
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    env = {**os.environ, **client_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Job entrypoints (`ray job submit -- python -m ...`) inherit the head's PATH: put our venv first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS")  # `ray start --head` must not try to join an existing cluster
+    print(f"starting Ray head at {gcs_address()} (temp dir {root}) ...", flush=True)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"ray start failed:\n{result.stdout}\n{result.stderr}")
+    _pidfile().write_text("\n".join(str(pid) for pid in sorted(_our_processes())) + "\n")
+    print(f"Ray head up: {gcs_address()}, dashboard {dashboard_url()}")
+
+
+def down(timeout_s: float = 15.0) -> None:
+    pids = (_recorded_pids() | _our_processes()) - {os.getpid()}
+    pids = {pid for pid in pids if _alive(pid)}
+    if not pids:
+        print("no local Ray head of ours is running")
+        _pidfile().unlink(missing_ok=True)
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    leftovers = {pid for pid in pids | _our_processes() if _alive(pid)}
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _pidfile().unlink(missing_ok=True)
+    print(f"stopped {len(pids)} Ray processes" + (f" ({len(leftovers)} killed)" if leftovers else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cluster.local",
+                                     description="Start, inspect or stop this project's local Ray head.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("up", help="start the head on 127.0.0.1 with pinned ports")
+    start.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
+    sub.add_parser("down", help="stop the processes this head started, by PID")
+    sub.add_parser("status", help="say whether the head is up")
+    sub.add_parser("env", help="print shell exports for ray / serve CLIs")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        up(args.num_cpus)
+    elif args.command == "down":
+        down()
+    elif args.command == "status":
+        running = is_up()
+        print(f"Ray head {'up' if running else 'down'} at {gcs_address()}")
+        raise SystemExit(0 if running else 1)
+    else:
+        for key, value in client_env().items():
+            print(f"export {key}={value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The OpenAI API end to end: real Ray Serve, real vLLM engine, official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL_ID, TEST_KEY
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    assert models.data[0].owned_by == "tuneserve"
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+
+
+def test_chat_answers_paris(client):
+    reply = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=32, temperature=0)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "stop"
+    assert reply.model == MODEL_ID and reply.object == "chat.completion"
+    usage = reply.usage
+    assert usage.prompt_tokens > 5 and 0 < usage.completion_tokens <= 32
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_length_limit(client):
+    reply = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_completion_tokens=3,
+                                           temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 3
+
+
+def test_stream_matches_non_stream(client):
+    kwargs = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Name three colours."}],
+                  max_tokens=40, temperature=0)
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_raw_sse_framing(server):
+    body = {"model": MODEL_ID, "messages": FRANCE, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {TEST_KEY}"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events)
+    assert "usage" not in events[0]  # only with stream_options.include_usage
+
+
+async def test_async_client_stream_and_non_stream(async_client):
+    reply = await async_client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=16,
+                                                       temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    stream = await async_client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=16,
+                                                        temperature=0, stream=True)
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == reply.choices[0].message.content
+
+
+async def test_concurrent_requests(async_client):
+    async def one(i: int) -> str:
+        reply = await async_client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": f"Say the number {i}."}], max_tokens=12,
+            temperature=0)
+        return reply.choices[0].finish_reason
+
+    finishes = await asyncio.gather(*(one(i) for i in range(8)))
+    assert set(finishes) <= {"stop", "length"}
+
+
+def test_completions(client):
+    reply = client.completions.create(model=MODEL_ID, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0, logprobs=2)
+    choice = reply.choices[0]
+    assert "Paris" in choice.text
+    assert choice.finish_reason == "length" and reply.usage.completion_tokens == 4
+    assert len(choice.logprobs.tokens) == 4 and len(choice.logprobs.token_logprobs) == 4
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    assert choice.logprobs.text_offset[0] == 0
+    assert "".join(choice.logprobs.tokens) == choice.text
+
+
+def test_completions_stream_and_token_prompt(client):
+    chunks = list(client.completions.create(model=MODEL_ID, prompt="1, 2, 3,", max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 6
+    by_ids = client.completions.create(model=MODEL_ID, prompt=[16, 28, 216, 28, 239, 28], max_tokens=3,
+                                       temperature=0)
+    assert by_ids.usage.prompt_tokens == 6
+    assert text
+
+
+def test_chat_logprobs(client):
+    reply = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+
+
+def test_n_seed_stop_and_penalties(client):
+    common = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+                  max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
+    first = client.chat.completions.create(n=2, presence_penalty=0.5, frequency_penalty=0.5, user="tests",
+                                           **common)
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    again = client.chat.completions.create(n=2, presence_penalty=0.5, frequency_penalty=0.5, **common)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    stopped = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=32, temperature=0,
+                                             stop=["Paris"])
+    assert "Paris" not in stopped.choices[0].message.content
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_stream_n2(client):
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=6, n=2, seed=3,
+                                                 temperature=0.8, stream=True))
+    indexes = {c.choices[0].index for c in chunks}
+    assert indexes == {0, 1}
+    finished = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]
+
+
+def test_disconnect_aborts_engine_request(server, engine_handle):
+    """A client that goes away mid-stream frees its engine slot (the request is aborted, not finished)."""
+    body = {"model": MODEL_ID, "messages": FRANCE, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {TEST_KEY}"}) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in received)
+        assert engine_handle.num_unfinished_requests.remote().result() >= 1
+    deadline = time.monotonic() + 20
+    while engine_handle.num_unfinished_requests.remote().result() > 0:
+        assert time.monotonic() < deadline, "the engine kept generating for a client that left"
+        time.sleep(0.25)
+
+
+def test_health_and_metrics(server, client):
+    client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=2)
+    health = httpx.get(f"{server}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["models"] == {MODEL_ID: "ok"}
+    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    assert f'tuneserve_requests_total{{endpoint="chat",model="{MODEL_ID}",status="200"}}' in metrics
+    for name in ("tuneserve_time_to_first_token_seconds_bucket", "tuneserve_request_latency_seconds_bucket",
+                 "tuneserve_completion_tokens_total", "tuneserve_prompt_tokens_total"):
+        assert name in metrics
