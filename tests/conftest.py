@@ -19,6 +19,7 @@ for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE
 TEST_KEY = "sk-tuneserve-test-key"
 MODEL_ID = "smollm2-135m-instruct"
 TEST_MAX_MODEL_LEN = 1024
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -27,26 +28,65 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_block(size: int) -> int:
+    """The first port of `size` consecutive free ports on 127.0.0.1."""
+    import random
+
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        try:
+            socks = []
+            for port in range(base, base + size):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port block")
+
+
+# The project's own head for this session, on free ports and a private temp dir. Set before anything
+# imports ray: ray reads its auth settings once, at import.
+_BASE_PORT = free_port_block(8)
+_WORKER_PORTS = free_port_block(200)
+os.environ.update({
+    "TUNESERVE_RAY_DIR": tempfile.mkdtemp(prefix="ts-ray-", dir="/tmp"),
+    "TUNESERVE_RAY_PORT": str(_BASE_PORT),
+    "TUNESERVE_DASHBOARD_PORT": str(free_port()),
+    "TUNESERVE_RAY_WORKER_PORTS": f"{_WORKER_PORTS}-{_WORKER_PORTS + 199}",
+})
+from cluster import local  # noqa: E402
+
+os.environ.update({k: v for k, v in local.client_env().items() if k != "RAY_ADDRESS"})
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray started by this session (random ports, own temp dir), stopped at the end."""
+def ray_head():
+    """`python -m cluster.local up`, the path a user takes; stopped by PID at the end, and checked to
+    leave no process behind."""
     import ray
 
-    temp_dir = tempfile.mkdtemp(prefix="ts-ray-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
-    yield ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
+    local.up(num_cpus=2)
+    try:
+        ray.init(address=local.gcs_address(), log_to_driver=False)
+        yield local
+    finally:
+        ray.shutdown()
+        local.down()
+    leftovers = local._our_processes()
+    assert not leftovers, f"cluster.local down left processes behind: {leftovers}"
 
 
 @pytest.fixture(scope="session")
-def app_config():
-    from serve_app.config import AppConfig
+def app_config_file(tmp_path_factory) -> Path:
+    """The test app: the default model with a short context, and API keys on."""
+    import yaml
 
-    return AppConfig.model_validate({
+    config = {
         "models": [{
             "id": MODEL_ID,
             "path": "default",
@@ -57,7 +97,10 @@ def app_config():
         }],
         "ingress": {"max_body_bytes": 256 * 1024, "max_n": 4,
                     "api_keys": [{"name": "tests", "sha256": _sha256(TEST_KEY)}]},
-    })
+    }
+    path = tmp_path_factory.mktemp("config") / "app.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def _sha256(text: str) -> str:
@@ -67,17 +110,35 @@ def _sha256(text: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, app_config) -> str:
-    """Base URL (http://127.0.0.1:PORT) of the deployed tuneserve app."""
+def server(ray_head, app_config_file, tmp_path_factory) -> str:
+    """Base URL of the app, deployed with `serve deploy` from the Serve config file shipped in the repo
+    (only its port and app config path changed)."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
     from ray import serve
 
     from cluster.model_cache import ensure_default_model
-    from serve_app.app import build_from_config
 
     ensure_default_model()
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_from_config(app_config), name="tuneserve", route_prefix="/")
+    serve_config = yaml.safe_load((REPO_ROOT / "serve_app" / "configs" / "serve.yaml").read_text())
+    serve_config["http_options"]["port"] = port
+    serve_config["applications"][0]["args"]["config"] = str(app_config_file)
+    serve_file = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    serve_file.write_text(yaml.safe_dump(serve_config))
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    subprocess.run([serve_cli, "deploy", str(serve_file), "--address", ray_head.dashboard_url()], check=True)
+    deadline = time.monotonic() + 600
+    while True:
+        status = serve.status().applications.get("tuneserve")
+        if status is not None and status.status == "RUNNING":
+            break
+        assert status is None or status.status != "DEPLOY_FAILED", status.message
+        assert time.monotonic() < deadline, f"app not running after 600 s: {status}"
+        time.sleep(1)
     return f"http://127.0.0.1:{port}"
 
 
@@ -115,4 +176,3 @@ def engine_handle(server):
     return serve.get_deployment_handle(engine_deployment_name(MODEL_ID), app_name="tuneserve")
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent

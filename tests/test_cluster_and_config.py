@@ -1,0 +1,95 @@
+"""The local head, `ray job submit` against it, and the config files that ship in the repo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.config import DEFAULT_CONFIG, AppConfig, hash_key, load_config
+from tests.conftest import REPO_ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def test_head_status_and_env(ray_head):
+    status = subprocess.run([sys.executable, "-m", "cluster.local", "status"], capture_output=True, text=True)
+    assert status.returncode == 0 and "up" in status.stdout
+    exports = subprocess.run([sys.executable, "-m", "cluster.local", "env"], capture_output=True, text=True).stdout
+    assert "RAY_AUTH_MODE=token" in exports and ray_head.dashboard_url() in exports
+    assert ray_head._recorded_pids(), "the head's PIDs are recorded for `down`"
+
+
+def test_ray_job_submit_with_token_auth(ray_head):
+    env = {**os.environ, **ray_head.client_env()}
+    cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", str(REPO_ROOT), "--",
+           "python", "-c", "import ray, serve_app; ray.init(); print('CPUS', ray.cluster_resources()['CPU'])"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CPUS 2.0" in result.stdout
+
+
+def test_shipped_configs_parse():
+    config = load_config(DEFAULT_CONFIG)
+    assert config.models[0].path == "default" and config.models[0].serve_scaling() == {"num_replicas": 1}
+    serve_config = yaml.safe_load((REPO_ROOT / "serve_app" / "configs" / "serve.yaml").read_text())
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(serve_config)
+
+
+def test_cluster_yaml_is_a_valid_launcher_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` checks before it starts anything
+    assert config["available_node_types"][config["head_node_type"]]
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert any(t["resources"].get("GPU", 0) > 0 and t["max_workers"] >= t["min_workers"] for t in workers)
+
+
+def test_env_expansion_and_autoscaling(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_MODEL", "/models/x")
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - id: x\n    path: ${MY_MODEL}\n    max_model_len: ${LEN:-512}\n"
+                    "    autoscaling_config: {min_replicas: 1, max_replicas: 3}\n")
+    model = load_config(path).models[0]
+    assert model.path == "/models/x" and model.max_model_len == 512
+    assert model.serve_scaling()["autoscaling_config"]["max_replicas"] == 3
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"models": []}, "at least 1"),
+    ({"models": [{"id": "a"}, {"id": "a"}]}, "repeated: a"),
+    ({"models": [{"id": "a", "num_replicas": 2, "autoscaling_config": {}}]}, "not both"),
+    ({"models": [{"id": "a", "autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}]}, "min_replicas"),
+    ({"models": [{"id": "a", "dtype": "int3"}]}, "dtype"),
+    ({"models": [{"id": "a", "engine_kwarg": {}}]}, "engine_kwarg"),
+    ({"models": [{"id": "a"}], "ingress": {"api_keys": [{"name": "k"}]}}, "exactly one"),
+])
+def test_bad_configs_are_refused(bad, needle):
+    with pytest.raises(ValidationError) as caught:
+        AppConfig.model_validate(bad)
+    assert needle in str(caught.value)
+
+
+def test_missing_env_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - id: x\n    path: ${TUNESERVE_SURELY_UNSET}\n")
+    with pytest.raises(ValueError, match="TUNESERVE_SURELY_UNSET"):
+        load_config(path)
+
+
+def test_key_from_env(monkeypatch):
+    from serve_app.auth import KeyStore
+    from serve_app.config import ApiKey
+
+    monkeypatch.setenv("K1", "secret")
+    store = KeyStore([ApiKey(name="one", env="K1"), ApiKey(name="two", sha256=hash_key("other"))])
+    assert store.authenticate("Bearer secret") == "one"
+    assert store.authenticate("bearer other") == "two"
