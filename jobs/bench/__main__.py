@@ -1,0 +1,109 @@
+"""Benchmarks: `python -m jobs.bench serve` compares serving stacks on the same model under the same load.
+
+    python -m jobs.bench serve --concurrency 8 --requests 48 --max-tokens 64
+    python -m jobs.bench serve --targets vllm,tuneserve --model /path/to/hf-folder --concurrency 1,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+from jobs.bench.loadgen import LoadReport, run_load
+from jobs.bench.serve_targets import TARGETS, EngineSpec
+
+COLUMNS = ["target", "concurrency", "requests", "failed", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms",
+           "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms", "wall_s"]
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratios(reports: list[LoadReport], baseline: str) -> list[dict]:
+    """Each target against the baseline at the same concurrency: throughput ratio, TTFT p50 difference."""
+    rows = []
+    for report in reports:
+        base = next((r for r in reports if r.target == baseline and r.concurrency == report.concurrency), None)
+        if base is None or report.target == baseline:
+            continue
+        rows.append({"target": report.target, "vs": baseline, "concurrency": report.concurrency,
+                     "output_tok_s_ratio": round(report.output_tok_s / base.output_tok_s, 3),
+                     "ttft_p50_delta_ms": round(report.ttft_p50_ms - base.ttft_p50_ms, 1)})
+    return rows
+
+
+def serve_benchmark(args: argparse.Namespace) -> None:
+    import ray
+
+    from cluster.model_cache import resolve_model_path
+    from cluster.resources import cluster_has_gpus
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    on_gpu = cluster_has_gpus()
+    spec = EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
+                      dtype=args.dtype or ("bfloat16" if on_gpu else "float32"), max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, on_gpu=on_gpu,
+                      extra=json.loads(args.engine_kwargs) if args.engine_kwargs else None)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    reports: list[LoadReport] = []
+    for name in args.targets.split(","):
+        started = time.monotonic()
+        print(f"== {name}: starting ...", flush=True)
+        with TARGETS[name](spec) as base_url:
+            print(f"== {name}: ready in {time.monotonic() - started:.0f} s at {base_url}", flush=True)
+            for level in levels:
+                report = asyncio.run(run_load(name, base_url, spec.model_id, concurrency=level,
+                                              num_requests=max(args.requests, level), prompt_words=args.prompt_words,
+                                              max_tokens=args.max_tokens))
+                print(json.dumps(report.row()), flush=True)
+                reports.append(report)
+    ray.shutdown()
+
+    rows = [r.row() for r in reports]
+    ratio_rows = ratios(reports, args.baseline)
+    print("\n" + markdown_table(rows, COLUMNS))
+    if ratio_rows:
+        print("\n" + markdown_table(ratio_rows, list(ratio_rows[0])))
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
+                "gpu": on_gpu, "spec": spec.__dict__, "args": vars(args)}
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": rows, "ratios": ratio_rows}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serving throughput and latency: tuneserve vs raw vLLM vs ray.serve.llm")
+    serve.add_argument("--targets", default="vllm,tuneserve,rayllm", help=f"comma list of {sorted(TARGETS)}")
+    serve.add_argument("--baseline", default="vllm", help="target the others are compared with")
+    serve.add_argument("--model", default="default", help="HF folder or hub id ('default': cached SmolLM2)")
+    serve.add_argument("--model-id", default="bench-model", help="name the model is served under")
+    serve.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    serve.add_argument("--engine-kwargs", default=None, help="JSON of extra vLLM engine args for every target")
+    serve.add_argument("--concurrency", default="8", help="comma list of concurrent streams")
+    serve.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    serve.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
+    serve.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    serve.add_argument("--out", default=None, help="write results as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.command == "serve":
+        serve_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()

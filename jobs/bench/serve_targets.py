@@ -1,0 +1,142 @@
+"""The serving stacks a benchmark compares, each started with the same model and engine arguments:
+
+- `tuneserve`: our Serve app (ingress + AsyncLLM engine deployment);
+- `vllm`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`);
+- `rayllm`: Ray's `ray.serve.llm` OpenAI app.
+
+Each is a context manager that yields the base URL (`http://127.0.0.1:PORT/v1`) and stops what it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+
+from serve_app.engine import CPU_ENGINE_ENV
+
+
+@dataclass
+class EngineSpec:
+    """The engine arguments every target gets."""
+
+    model_id: str
+    path: str
+    dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    enforce_eager: bool
+    on_gpu: bool
+    extra: dict | None = None
+
+    def vllm_kwargs(self) -> dict:
+        kwargs = {"dtype": self.dtype, "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
+                  "enforce_eager": self.enforce_eager}
+        kwargs.update(self.extra or {})
+        return kwargs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float = 900, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def raw_vllm(spec: EngineSpec) -> Iterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+           "--model", spec.path, "--served-model-name", spec.model_id]
+    for key, value in spec.vllm_kwargs().items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value is not False:
+            cmd += [flag, str(value)]
+    env = {**os.environ, **({} if spec.on_gpu else CPU_ENGINE_ENV)}
+    log = tempfile.NamedTemporaryFile(prefix="bench-vllm-", suffix=".log", delete=False)
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", process=process)
+        yield f"http://127.0.0.1:{port}/v1"
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; vLLM's log: {log.name}") from None
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _serve_app(app, port: int) -> str:
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.contextmanager
+def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.app import build_from_config
+    from serve_app.config import AppConfig
+
+    config = AppConfig.model_validate({"models": [{
+        "id": spec.model_id, "path": spec.path, "dtype": spec.dtype, "max_model_len": spec.max_model_len,
+        "num_replicas": 1, "max_ongoing_requests": 256, "stream_interval_ms": stream_interval_ms,
+        "resources": {"num_cpus": 1, "num_gpus": 1 if spec.on_gpu else 0},
+        "engine_kwargs": {k: v for k, v in spec.vllm_kwargs().items() if k not in ("dtype", "max_model_len")},
+    }]})
+    try:
+        yield _serve_app(build_from_config(config), free_port())
+    finally:
+        serve.shutdown()
+
+
+@contextlib.contextmanager
+def ray_serve_llm(spec: EngineSpec) -> Iterator[str]:
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    engine_kwargs = spec.vllm_kwargs()
+    llm_config = LLMConfig(
+        model_loading_config={"model_id": spec.model_id, "model_source": spec.path},
+        engine_kwargs=engine_kwargs,
+        accelerator_config={"kind": "gpu"} if spec.on_gpu else {"kind": "cpu"},
+        deployment_config={"num_replicas": 1, "max_ongoing_requests": 256},
+        runtime_env=None if spec.on_gpu else {"env_vars": dict(CPU_ENGINE_ENV)},
+    )
+    app = build_openai_app({"llm_configs": [llm_config],
+                            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
+    try:
+        yield _serve_app(app, free_port())
+    finally:
+        serve.shutdown()
+
+
+TARGETS = {"vllm": raw_vllm, "tuneserve": tuneserve, "rayllm": ray_serve_llm}
