@@ -1,23 +1,35 @@
-"""API keys: on when any key is configured. Keys are compared by their SHA-256 digest only."""
+"""API keys (compared by SHA-256 digest only), per-key limits and per-key usage.
+
+Auth is on when any key is configured. Limits and counters live in each ingress replica: with N replicas
+a key's effective limit is up to N times its configured one.
+"""
 
 from __future__ import annotations
 
 import hmac
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 from serve_app.config import ApiKey, hash_key
+from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
+
+WINDOW_S = 60.0
+ANONYMOUS = "anonymous"
 
 
 class KeyStore:
     def __init__(self, keys: list[ApiKey]):
-        self._names_by_digest = {key.digest(): key.name for key in keys}
+        self._keys_by_digest = {key.digest(): key for key in keys}
 
     @property
     def enabled(self) -> bool:
-        return bool(self._names_by_digest)
+        return bool(self._keys_by_digest)
 
-    def authenticate(self, authorization: str | None) -> str | None:
-        """Return the key's name, None when auth is off; raise a 401 APIError otherwise."""
+    def authenticate(self, authorization: str | None) -> ApiKey | None:
+        """The key's policy; None when auth is off. Raises a 401 APIError otherwise."""
         if not self.enabled:
             return None
         scheme, _, token = (authorization or "").partition(" ")
@@ -25,8 +37,93 @@ class KeyStore:
             raise APIError(401, "Missing API key. Send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         digest = hash_key(token.strip())
-        for known, name in self._names_by_digest.items():
+        for known, key in self._keys_by_digest.items():
             if hmac.compare_digest(known, digest):
-                return name
+                return key
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+@dataclass
+class _Window:
+    """Events of the last minute, as (time, amount)."""
+
+    events: deque = field(default_factory=deque)
+    total: float = 0.0
+
+    def trim(self, now: float) -> None:
+        while self.events and self.events[0][0] <= now - WINDOW_S:
+            self.total -= self.events.popleft()[1]
+
+    def add(self, now: float, amount: float) -> None:
+        self.events.append((now, amount))
+        self.total += amount
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the oldest event leaves the window."""
+        return max(1.0, math.ceil(self.events[0][0] + WINDOW_S - now)) if self.events else 1.0
+
+
+@dataclass
+class KeyUsage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    _requests_window: _Window = field(default_factory=_Window, repr=False)
+    _tokens_window: _Window = field(default_factory=_Window, repr=False)
+
+    def public(self) -> dict:
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cost_usd": round(self.cost_usd, 8)}
+
+
+class Accounting:
+    """Admission (allowed models, requests and tokens per minute) and usage counters, per key."""
+
+    def __init__(self, metrics: ServingMetrics, clock=time.monotonic):
+        self.metrics = metrics
+        self.clock = clock
+        self.usage: dict[str, KeyUsage] = {}
+
+    def admit(self, key: ApiKey | None, models: list[str]) -> None:
+        name = key.name if key else ANONYMOUS
+        usage = self.usage.setdefault(name, KeyUsage())
+        if key is None:
+            usage.requests += 1
+            self.metrics.key_requests.labels(name).inc()
+            return
+        if key.models is not None:
+            denied = [m for m in models if m not in key.models]
+            if denied:
+                raise APIError(403, f"This API key may not use model '{denied[0]}'. Allowed: "
+                               f"{', '.join(key.models) or 'none'}.", param="model", code="model_not_allowed")
+        now = self.clock()
+        usage._requests_window.trim(now)
+        usage._tokens_window.trim(now)
+        if key.rpm is not None and usage._requests_window.total >= key.rpm:
+            self._limited(f"{key.rpm} requests per minute", usage._requests_window.wait_s(now))
+        if key.tpm is not None and usage._tokens_window.total >= key.tpm:
+            self._limited(f"{key.tpm} tokens per minute", usage._tokens_window.wait_s(now))
+        usage._requests_window.add(now, 1)
+        usage.requests += 1
+        self.metrics.key_requests.labels(name).inc()
+
+    @staticmethod
+    def _limited(limit: str, wait_s: float) -> None:
+        raise APIError(429, f"Rate limit reached for this API key: {limit}. Try again in {wait_s:.0f} s.",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(int(wait_s))})
+
+    def record(self, key: ApiKey | None, prompt_tokens: int, completion_tokens: int, cost_usd: float) -> None:
+        name = key.name if key else ANONYMOUS
+        usage = self.usage.setdefault(name, KeyUsage())
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        usage.cost_usd += cost_usd
+        usage._tokens_window.add(self.clock(), prompt_tokens + completion_tokens)
+        self.metrics.key_tokens.labels(name, "prompt").inc(prompt_tokens)
+        self.metrics.key_tokens.labels(name, "completion").inc(completion_tokens)
+        self.metrics.key_cost.labels(name).inc(cost_usd)
+
+    def report(self) -> dict[str, dict]:
+        return {name: usage.public() for name, usage in sorted(self.usage.items())}

@@ -55,10 +55,22 @@ class Resources(_Strict):
 
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+LOCAL_PROVIDER = "local"
+
+
+class Price(_Strict):
+    """USD per million tokens."""
+
+    prompt: float = Field(0.0, ge=0)
+    completion: float = Field(0.0, ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1e6
 
 
 class ModelConfig(_Strict):
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    id: str = Field(pattern=NAME_PATTERN)
     path: str = "default"
     dtype: Dtype = "auto"  # auto: float32 on CPU (bf16 is slow and needs eager mode there), bfloat16 on GPU
     max_model_len: int = Field(2048, ge=16)
@@ -72,6 +84,7 @@ class ModelConfig(_Strict):
     # costs more than it carries. 0 sends every step.
     stream_interval_ms: float = Field(15.0, ge=0)
     owned_by: str = "tuneserve"
+    price: Price = Field(default_factory=Price)  # what a request costs, for usage.cost and price routing
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "ModelConfig":
@@ -92,6 +105,10 @@ class ApiKey(_Strict):
     name: str
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     env: str | None = None
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute")
+    models: list[str] | None = None  # allowed model ids or aliases; None: all
+    admin: bool = False  # may read /admin/usage
 
     @model_validator(mode="after")
     def _one_source(self) -> "ApiKey":
@@ -108,6 +125,54 @@ class ApiKey(_Strict):
         return hash_key(value)
 
 
+class ProviderModel(_Strict):
+    id: str = Field(pattern=NAME_PATTERN)  # the public model id clients send
+    upstream: str | None = None  # the provider's own name for it (default: id)
+    price: Price = Field(default_factory=Price)
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream or self.id
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(5.0, gt=0)
+    read_s: float = Field(60.0, gt=0)  # until the first byte, and between streamed chunks
+    total_s: float = Field(600.0, gt=0)
+
+
+class RetryPolicy(_Strict):
+    attempts: int = Field(2, ge=1)  # tries on one provider before falling back to the next
+    backoff_s: float = Field(0.2, ge=0)  # doubled after each try, capped by max_backoff_s
+    max_backoff_s: float = Field(2.0, ge=0)  # a 429 asking to wait longer moves on to the next provider
+
+
+class CircuitBreaker(_Strict):
+    failure_threshold: int = Field(3, ge=1)  # consecutive failures that open the circuit
+    cooldown_s: float = Field(30.0, gt=0)  # then one probe request is let through
+
+
+class ProviderConfig(_Strict):
+    """A remote OpenAI-compatible upstream: OpenRouter, a hosted vLLM, another tuneserve."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base_url: str = Field(pattern=r"^https?://")
+    api_key_env: str | None = None  # the variable holding its key; the key itself is never logged
+    models: list[ProviderModel] = Field(min_length=1)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_concurrency: int = Field(64, ge=1)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    # Parameters it honours, for provider.require_parameters; None: every parameter we accept.
+    supported_parameters: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _not_local(self) -> "ProviderConfig":
+        if self.name == LOCAL_PROVIDER:
+            raise ValueError(f"provider name '{LOCAL_PROVIDER}' is reserved for the local engines")
+        return self
+
+
 class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -116,16 +181,35 @@ class IngressConfig(_Strict):
 
 
 class AppConfig(_Strict):
-    models: list[ModelConfig] = Field(min_length=1)
+    models: list[ModelConfig] = Field(default_factory=list)  # local engines
+    providers: list[ProviderConfig] = Field(default_factory=list)  # remote upstreams
+    aliases: dict[str, list[str]] = Field(default_factory=dict)  # short name -> candidate model ids, in order
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> "AppConfig":
+    def _consistent(self) -> "AppConfig":
+        if not self.models and not self.providers:
+            raise ValueError("configure at least one local model or one provider")
         ids = [m.id for m in self.models]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("provider names must be unique")
+        offered = set(self.model_ids())
+        for alias, targets in self.aliases.items():
+            if alias in offered:
+                raise ValueError(f"alias '{alias}' hides a model of the same id")
+            missing = [t for t in targets if t not in offered]
+            if not targets or missing:
+                raise ValueError(f"alias '{alias}' must list offered model ids; unknown: {missing}")
         return self
+
+    def model_ids(self) -> list[str]:
+        """Every public model id, local first, each once."""
+        ids = [m.id for m in self.models] + [m.id for p in self.providers for m in p.models]
+        return list(dict.fromkeys(ids))
 
 
 def hash_key(key: str) -> str:

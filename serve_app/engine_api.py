@@ -61,6 +61,8 @@ class GenerateChunk:
     # A refused request ends its stream with one chunk carrying the error, rather than raising across
     # Ray: that keeps user errors out of the replica's error log and off the exception-wrapping path.
     error: "EngineRequestError | None" = None
+    # Authoritative completion-token total, from providers that only report usage at the end (remote).
+    completion_tokens: int | None = None
 
 
 @dataclass(slots=True)

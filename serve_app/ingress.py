@@ -15,11 +15,13 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.auth import KeyStore
-from serve_app.config import AppConfig
+from serve_app.auth import Accounting, KeyStore
+from serve_app.config import LOCAL_PROVIDER, AppConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError, ChatCompletionRequest, CompletionRequest, format_validation_error
 from serve_app.providers.local import LocalEngineProvider
+from serve_app.providers.remote import RemoteProvider
+from serve_app.router import Router
 from serve_app.serving import OpenAIServing
 
 log = logging.getLogger("tuneserve.ingress")
@@ -39,10 +41,10 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         try:
-            if scope["path"].startswith("/v1/"):
+            if scope["path"].startswith(("/v1/", "/admin/")):
                 headers = dict(scope.get("headers") or ())
                 authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-                scope.setdefault("state", {})["api_key_name"] = self.keys.authenticate(authorization)
+                scope.setdefault("state", {})["api_key"] = self.keys.authenticate(authorization)
                 declared = headers.get(b"content-length")
                 if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                     raise self._too_large()
@@ -107,9 +109,14 @@ class Ingress:
     def __init__(self, config: AppConfig, engines: dict):
         self.config = config
         self.metrics = ServingMetrics()
-        providers = {model_id: LocalEngineProvider(model_id, handle) for model_id, handle in engines.items()}
+        self.local = LocalEngineProvider(engines)
+        providers = {LOCAL_PROVIDER: self.local} if engines else {}
+        providers.update({p.name: RemoteProvider(p) for p in config.providers})
         self.providers = providers
-        self.serving = OpenAIServing(providers, self.metrics, config.ingress.max_n)
+        self.router = Router(config)
+        self.accounting = Accounting(self.metrics)
+        self.serving = OpenAIServing(providers, self.router, self.accounting, self.metrics, config.ingress.max_n,
+                                     retry_policies={p.name: p.retry for p in config.providers})
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
         api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,
@@ -117,8 +124,18 @@ class Ingress:
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
-        models = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by,
-                   "max_model_len": m.max_model_len} for m in self.config.models]
+        """Local and remote models, each with the providers that serve it; then the aliases."""
+        local = {m.id: m for m in self.config.models}
+        models = []
+        for model_id in self.config.model_ids():
+            providers = self.router.owners[model_id]
+            entry = {"id": model_id, "object": "model", "created": 0, "providers": providers,
+                     "owned_by": local[model_id].owned_by if model_id in local else providers[0]}
+            if model_id in local:
+                entry["max_model_len"] = local[model_id].max_model_len
+            models.append(entry)
+        models += [{"id": alias, "object": "model", "created": 0, "owned_by": "alias", "alias_of": targets}
+                   for alias, targets in self.config.aliases.items()]
         return {"object": "list", "data": models}
 
     @api.get("/v1/models/{model_id:path}")
@@ -129,26 +146,35 @@ class Ingress:
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
-        return await self.serving.chat_completion(body)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        return await self.serving.chat_completion(body, request.state.api_key)
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
-        return await self.serving.completion(body)
+    async def completions(self, body: CompletionRequest, request: Request):
+        return await self.serving.completion(body, request.state.api_key)
+
+    @api.get("/admin/usage")
+    async def usage(self, request: Request) -> dict:
+        """Per-key usage of this ingress replica, and the router's live view of each provider."""
+        key = request.state.api_key
+        if key is not None and not key.admin:
+            raise APIError(403, "This API key may not read usage: it needs admin: true.", code="not_admin")
+        return {"keys": self.accounting.report(), "providers": self.router.snapshot()}
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
         """200 when every engine answers its health check in time; 503 naming the ones that do not."""
-        async def probe(model_id: str, provider: LocalEngineProvider):
+        async def probe(model_id: str):
             try:
-                await asyncio.wait_for(provider.check_health(), HEALTH_TIMEOUT_S)
+                await asyncio.wait_for(self.local.check_health(model_id), HEALTH_TIMEOUT_S)
                 return model_id, "ok"
             except Exception as exc:
                 return model_id, f"unhealthy: {type(exc).__name__}"
 
-        results = dict(await asyncio.gather(*(probe(m, p) for m, p in self.providers.items())))
+        results = dict(await asyncio.gather(*(probe(m.id) for m in self.config.models)))
         healthy = all(state == "ok" for state in results.values())
-        return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": results},
+        circuits = {name: state["circuit"] for name, state in self.router.snapshot().items()}
+        return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": results, "providers": circuits},
                             status_code=200 if healthy else 503)
 
     @api.get("/metrics")

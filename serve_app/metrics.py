@@ -25,5 +25,14 @@ class ServingMetrics:
         self.latency = Histogram("tuneserve_request_latency_seconds", "Whole request latency.",
                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
 
+        self.provider_attempts = Counter("tuneserve_provider_attempts", "Attempts per provider and outcome.",
+                                         ["provider", "outcome"], registry=self.registry)
+        self.key_requests = Counter("tuneserve_key_requests", "Requests admitted per API key.",
+                                    ["key"], registry=self.registry)
+        self.key_tokens = Counter("tuneserve_key_tokens", "Tokens per API key, prompt or completion.",
+                                  ["key", "kind"], registry=self.registry)
+        self.key_cost = Counter("tuneserve_key_cost_usd", "Cost in USD per API key, from provider prices.",
+                                ["key"], registry=self.registry)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -104,10 +104,37 @@ class ChatMessage(_Request):
         return {"role": role, "content": text}
 
 
+class MaxPrice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: float | None = Field(None, ge=0)  # USD per million tokens
+    completion: float | None = Field(None, ge=0)
+
+
+class ProviderPreferences(BaseModel):
+    """OpenRouter's per-request `provider` object. Unknown keys are refused, so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+    order: list[str] | None = None
+    allow_fallbacks: bool = True
+    only: list[str] | None = None
+    ignore: list[str] | None = None
+    sort: Literal["price", "latency", "throughput"] | None = None
+    max_price: MaxPrice | None = None
+    require_parameters: bool = False
+
+
+# Parameters a provider may or may not honour (provider.require_parameters checks them).
+ROUTABLE_PARAMETERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
+                       "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "user",
+                       "ignore_eos", "min_tokens", "stream_options")
+
+
 class _SamplingFields(_Request):
     """Parameters shared by /v1/chat/completions and /v1/completions, with OpenAI's ranges."""
 
     model: str = Field(min_length=1)
+    models: list[str] | None = Field(None, min_length=1, max_length=8)  # model-level fallback, in order
+    provider: ProviderPreferences | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -133,6 +160,16 @@ class _SamplingFields(_Request):
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
         return self
+
+    def requested_models(self) -> list[str]:
+        return list(dict.fromkeys([self.model, *(self.models or [])]))
+
+    def parameters_sent(self) -> set[str]:
+        return {name for name in ROUTABLE_PARAMETERS if name in self.model_fields_set}
+
+    def upstream_body(self) -> dict:
+        """The body as an OpenAI-compatible upstream takes it: our routing fields removed."""
+        return self.model_dump(exclude_unset=True, exclude={"model", "models", "provider"})
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -64,7 +64,7 @@ def test_env_expansion_and_autoscaling(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad,needle", [
-    ({"models": []}, "at least 1"),
+    ({"models": []}, "at least one local model or one provider"),
     ({"models": [{"id": "a"}, {"id": "a"}]}, "repeated: a"),
     ({"models": [{"id": "a", "num_replicas": 2, "autoscaling_config": {}}]}, "not both"),
     ({"models": [{"id": "a", "autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}]}, "min_replicas"),
@@ -91,5 +91,5 @@ def test_key_from_env(monkeypatch):
 
     monkeypatch.setenv("K1", "secret")
     store = KeyStore([ApiKey(name="one", env="K1"), ApiKey(name="two", sha256=hash_key("other"))])
-    assert store.authenticate("Bearer secret") == "one"
-    assert store.authenticate("bearer other") == "two"
+    assert store.authenticate("Bearer secret").name == "one"
+    assert store.authenticate("bearer other").name == "two"

@@ -57,9 +57,11 @@ def serve_benchmark(args: argparse.Namespace) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     reports: list[LoadReport] = []
     for name in args.targets.split(","):
+        kind, _, interval = name.partition(":")  # "tuneserve:50": stream interval of 50 ms
+        options = {"stream_interval_ms": float(interval)} if interval else {}
         started = time.monotonic()
         print(f"== {name}: starting ...", flush=True)
-        with TARGETS[name](spec) as base_url:
+        with TARGETS[kind](spec, **options) as base_url:
             print(f"== {name}: ready in {time.monotonic() - started:.0f} s at {base_url}", flush=True)
             for level in levels:
                 report = asyncio.run(run_load(name, base_url, spec.model_id, concurrency=level,
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serving throughput and latency: tuneserve vs raw vLLM vs ray.serve.llm")
-    serve.add_argument("--targets", default="vllm,tuneserve,rayllm", help=f"comma list of {sorted(TARGETS)}")
+    serve.add_argument("--targets", default="vllm,tuneserve,rayllm",
+                       help=f"comma list of {sorted(TARGETS)}; tuneserve:MS sets its stream interval")
     serve.add_argument("--baseline", default="vllm", help="target the others are compared with")
     serve.add_argument("--model", default="default", help="HF folder or hub id ('default': cached SmolLM2)")
     serve.add_argument("--model-id", default="bench-model", help="name the model is served under")
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         serve_benchmark(args)
 

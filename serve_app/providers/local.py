@@ -4,29 +4,22 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from serve_app.engine_api import EngineRequestError, GenerateChunk, GenerateRequest, ModelInfo
-
-
-def _engine_error(exc: BaseException) -> EngineRequestError | None:
-    """Ray wraps a replica's exception (RayTaskError); find our typed error inside, if it is one."""
-    seen = exc
-    for _ in range(5):
-        if isinstance(seen, EngineRequestError):
-            return seen
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None:
-            return None
-        seen = nxt
-    return None
+from serve_app.config import LOCAL_PROVIDER
+from serve_app.engine_api import EngineRequestError, GenerateChunk
+from serve_app.providers.base import ProviderError, ProviderRequest
 
 
 class LocalEngineProvider:
-    def __init__(self, model_id: str, handle):
-        self.model_id = model_id
-        self._handle = handle
+    """Streams from the engine deployment of `request.upstream_model` (one Serve handle per local model)."""
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        responses = self._handle.options(stream=True).generate.remote(request)
+    name = LOCAL_PROVIDER
+
+    def __init__(self, handles: dict):
+        self._handles = handles
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[GenerateChunk]:
+        handle = self._handles[request.upstream_model]
+        responses = handle.options(stream=True).generate.remote(request.generate)
         finished = False
         try:
             async for chunk in responses:
@@ -36,17 +29,14 @@ class LocalEngineProvider:
                 yield chunk
         except EngineRequestError:
             raise
-        except Exception as exc:
-            typed = _engine_error(exc)
-            if typed is not None:
-                raise typed from None
-            raise
+        except Exception as exc:  # replica died, backpressure, Ray errors: the engine failed, not the client
+            raise ProviderError(f"local engine failed: {type(exc).__name__}: {exc}", reason="engine") from exc
         finally:
             if not finished:  # the client went away or failed: stop the engine's work on it
                 responses.cancel()
 
-    async def model_info(self) -> ModelInfo:
-        return await self._handle.model_info.remote()
+    async def check_health(self, model_id: str) -> None:
+        await self._handles[model_id].check_health.remote()
 
-    async def check_health(self) -> None:
-        await self._handle.check_health.remote()
+    async def aclose(self) -> None:
+        return None

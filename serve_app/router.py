@@ -1,0 +1,209 @@
+"""Routing: which providers may serve a request, in which order, and what the router has learnt of each.
+
+The router only ranks. serving.py walks the ranked candidates, and reports back what happened so that
+live latency/throughput and the circuit breakers stay current.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from serve_app.config import LOCAL_PROVIDER, AppConfig, CircuitBreaker, Price
+from serve_app.protocol import APIError, ProviderPreferences
+
+EWMA_WEIGHT = 0.2  # weight of the newest sample in the moving averages
+
+
+@dataclass(frozen=True)
+class Candidate:
+    provider: str
+    model: str  # public id
+    upstream: str  # the provider's name for it
+    price: Price
+
+
+@dataclass
+class ProviderState:
+    """Live view of one provider: load, moving TTFT and decode speed, and its circuit breaker."""
+
+    breaker: CircuitBreaker
+    max_concurrency: int | None
+    in_flight: int = 0
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    consecutive_failures: int = 0
+    open_until: float = 0.0
+    probing: bool = False
+
+    def observe(self, ttft_s: float, tokens_per_s: float | None) -> None:
+        self.ttft_s = ttft_s if self.ttft_s is None else (1 - EWMA_WEIGHT) * self.ttft_s + EWMA_WEIGHT * ttft_s
+        if tokens_per_s is not None:
+            self.tokens_per_s = tokens_per_s if self.tokens_per_s is None else (
+                (1 - EWMA_WEIGHT) * self.tokens_per_s + EWMA_WEIGHT * tokens_per_s)
+
+    def load(self) -> float:
+        return self.in_flight / self.max_concurrency if self.max_concurrency else 0.0
+
+
+@dataclass
+class Lease:
+    """Permission to send one attempt to a provider; give it back with Router.release."""
+
+    provider: str
+    probe: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class Router:
+    def __init__(self, config: AppConfig, clock=time.monotonic):
+        self.clock = clock
+        self.aliases = config.aliases
+        self.states: dict[str, ProviderState] = {}
+        self.candidates: dict[str, list[Candidate]] = {}
+        self.supported: dict[str, set[str] | None] = {}
+        self.owners: dict[str, list[str]] = {}
+        if config.models:
+            self.states[LOCAL_PROVIDER] = ProviderState(breaker=CircuitBreaker(), max_concurrency=None)
+            self.supported[LOCAL_PROVIDER] = None
+        for model in config.models:
+            self._offer(Candidate(LOCAL_PROVIDER, model.id, model.id, model.price))
+        for provider in config.providers:
+            self.states[provider.name] = ProviderState(breaker=provider.circuit_breaker,
+                                                       max_concurrency=provider.max_concurrency)
+            self.supported[provider.name] = (None if provider.supported_parameters is None
+                                             else set(provider.supported_parameters))
+            for offered in provider.models:
+                self._offer(Candidate(provider.name, offered.id, offered.upstream_name, offered.price))
+
+    def _offer(self, candidate: Candidate) -> None:
+        self.candidates.setdefault(candidate.model, []).append(candidate)
+        self.owners.setdefault(candidate.model, []).append(candidate.provider)
+
+    # -- planning -----------------------------------------------------------------------------------
+
+    def known(self, model: str) -> bool:
+        return model in self.candidates or model in self.aliases
+
+    def expand(self, models: list[str]) -> list[str]:
+        """Aliases become their candidate lists; unknown ids are a 404 naming the first one."""
+        expanded: list[str] = []
+        for model in models:
+            if model in self.aliases:
+                expanded += self.aliases[model]
+            elif model in self.candidates:
+                expanded.append(model)
+            else:
+                raise APIError(404, f"The model '{model}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
+        return list(dict.fromkeys(expanded))
+
+    def plan(self, models: list[str], prefs: ProviderPreferences | None,
+             parameters: set[str]) -> list[Candidate]:
+        """The ordered attempts for a request: model by model (model-level fallback), providers ranked
+        within each model by the preferences. Raises a 400 that says why, if nothing is left."""
+        prefs = prefs or ProviderPreferences()
+        self._check_names(prefs)
+        plan: list[Candidate] = []
+        dropped: dict[str, str] = {}
+        for model in self.expand(models):
+            eligible = [c for c in self.candidates[model] if self._eligible(c, prefs, parameters, dropped)]
+            plan += self._rank(eligible, prefs)
+        if not plan:
+            reasons = "; ".join(f"{name}: {why}" for name, why in dropped.items()) or "no provider offers it"
+            raise APIError(400, f"No provider can serve this request ({reasons}).", param="provider",
+                           code="no_provider_available")
+        return plan
+
+    def _check_names(self, prefs: ProviderPreferences) -> None:
+        for field_name in ("order", "only", "ignore"):
+            unknown = [n for n in getattr(prefs, field_name) or [] if n not in self.states]
+            if unknown:
+                raise APIError(400, f"provider.{field_name} names unknown providers: {', '.join(unknown)}. "
+                               f"Known: {', '.join(sorted(self.states))}.", param=f"provider.{field_name}")
+
+    def _eligible(self, c: Candidate, prefs: ProviderPreferences, parameters: set[str],
+                  dropped: dict[str, str]) -> bool:
+        if prefs.only is not None and c.provider not in prefs.only:
+            dropped[c.provider] = "not in provider.only"
+        elif prefs.ignore and c.provider in prefs.ignore:
+            dropped[c.provider] = "in provider.ignore"
+        elif prefs.max_price and prefs.max_price.prompt is not None and c.price.prompt > prefs.max_price.prompt:
+            dropped[c.provider] = f"prompt price {c.price.prompt} > max_price.prompt {prefs.max_price.prompt}"
+        elif (prefs.max_price and prefs.max_price.completion is not None
+              and c.price.completion > prefs.max_price.completion):
+            dropped[c.provider] = (f"completion price {c.price.completion} > "
+                                   f"max_price.completion {prefs.max_price.completion}")
+        elif prefs.require_parameters and self.supported[c.provider] is not None and (
+                missing := sorted(parameters - self.supported[c.provider])):
+            dropped[c.provider] = f"does not support {', '.join(missing)}"
+        else:
+            return True
+        return False
+
+    def _rank(self, candidates: list[Candidate], prefs: ProviderPreferences) -> list[Candidate]:
+        if prefs.sort == "price":
+            ranked = sorted(candidates, key=lambda c: (c.price.prompt + c.price.completion, c.provider))
+        elif prefs.sort == "latency":  # unmeasured providers first: they get measured
+            ranked = sorted(candidates, key=lambda c: self.states[c.provider].ttft_s or 0.0)
+        elif prefs.sort == "throughput":
+            ranked = sorted(candidates, key=lambda c: -(self.states[c.provider].tokens_per_s or float("inf")))
+        else:
+            ranked = self._default_order(candidates)
+        if prefs.order:
+            position = {name: i for i, name in enumerate(prefs.order)}
+            listed = sorted((c for c in ranked if c.provider in position), key=lambda c: position[c.provider])
+            rest = [c for c in ranked if c.provider not in position]
+            ranked = listed + (rest if prefs.allow_fallbacks else [])
+        elif not prefs.allow_fallbacks:
+            ranked = ranked[:1]
+        return ranked
+
+    def _default_order(self, candidates: list[Candidate]) -> list[Candidate]:
+        """Local first; then remote providers by load, ties broken at random (load balancing)."""
+        local = [c for c in candidates if c.provider == LOCAL_PROVIDER]
+        remote = [c for c in candidates if c.provider != LOCAL_PROVIDER]
+        random.shuffle(remote)
+        remote.sort(key=lambda c: self.states[c.provider].load())
+        return local + remote
+
+    # -- attempts -----------------------------------------------------------------------------------
+
+    def acquire(self, provider: str) -> tuple[Lease | None, str]:
+        """A lease for one attempt, or None with the reason ("circuit_open", "busy")."""
+        state = self.states[provider]
+        now = self.clock()
+        probe = False
+        if state.consecutive_failures >= state.breaker.failure_threshold:
+            if now < state.open_until or state.probing:
+                return None, "circuit_open"
+            probe = True  # cooled down: let one request through to probe
+            state.probing = True
+        if state.max_concurrency is not None and state.in_flight >= state.max_concurrency:
+            if probe:
+                state.probing = False
+            return None, "busy"
+        state.in_flight += 1
+        return Lease(provider, probe=probe), "ok"
+
+    def release(self, lease: Lease, ok: bool, ttft_s: float | None = None,
+                tokens_per_s: float | None = None) -> None:
+        state = self.states[lease.provider]
+        state.in_flight -= 1
+        if lease.probe:
+            state.probing = False
+        if ok:
+            state.consecutive_failures = 0
+            if ttft_s is not None:
+                state.observe(ttft_s, tokens_per_s)
+        else:
+            state.consecutive_failures += 1
+            if state.consecutive_failures >= state.breaker.failure_threshold:
+                state.open_until = self.clock() + state.breaker.cooldown_s
+
+    def snapshot(self) -> dict[str, dict]:
+        return {name: {"in_flight": s.in_flight, "ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s,
+                       "consecutive_failures": s.consecutive_failures,
+                       "circuit": "open" if s.consecutive_failures >= s.breaker.failure_threshold else "closed"}
+                for name, s in self.states.items()}
