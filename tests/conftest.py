@@ -16,7 +16,7 @@ for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE
                      "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_DEDUP_LOGS": "0"}.items():
     os.environ.setdefault(_key, _value)
 
-TEST_KEY = "sk-tuneserve-test-key"
+TEST_KEY = "sk-tuneserve-test-key"  # the admin key of KEYS below
 MODEL_ID = "smollm2-135m-instruct"
 TEST_MAX_MODEL_LEN = 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,11 +81,84 @@ def ray_head():
     assert not leftovers, f"cluster.local down left processes behind: {leftovers}"
 
 
+KEYS = {  # name -> (key, policy)
+    "tests": ("sk-tuneserve-test-key", {"admin": True}),
+    "limited": ("sk-limited", {"rpm": 2}),
+    "tokens": ("sk-tokens", {"tpm": 40}),
+    "restricted": ("sk-restricted", {"models": ["echo-model"]}),
+}
+
+
 @pytest.fixture(scope="session")
-def app_config_file(tmp_path_factory) -> Path:
-    """The test app: the default model with a short context, and API keys on."""
+def upstreams():
+    """Two real misbehaving OpenAI-compatible servers (jobs/bench/upstream.py) on 127.0.0.1."""
+    from jobs.bench.upstream import UpstreamServer
+
+    servers = {name: UpstreamServer(name).start() for name in ("alpha", "beta")}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_upstream():
+    """vLLM's own OpenAI server on the default model: a real remote provider for the router."""
+    import subprocess
+    import sys
+
+    from cluster.model_cache import ensure_default_model
+    from serve_app.engine import CPU_ENGINE_ENV
+
+    port = free_port()
+    log = open(tempfile.mkstemp(prefix="vllm-upstream-", suffix=".log")[1], "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+         "--model", str(ensure_default_model()), "--served-model-name", "smollm2-upstream", "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", str(TEST_MAX_MODEL_LEN), "--max-num-seqs", "8"],
+        env={**os.environ, **CPU_ENGINE_ENV}, stdout=log, stderr=subprocess.STDOUT)
+    yield {"url": f"http://127.0.0.1:{port}", "process": process, "log": log.name}
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _provider(name: str, url: str, upstream_model: str, price=(0.1, 0.2), **extra) -> dict:
+    """A provider offering `echo-model`. Its breaker only opens in the breaker test ("switchy"), so that
+    tests do not depend on each other's failures."""
+    return {"name": name, "base_url": url, "models": [{"id": "echo-model", "upstream": upstream_model,
+                                                       "price": {"prompt": price[0], "completion": price[1]}}],
+            "retry": {"attempts": 2, "backoff_s": 0.05, "max_backoff_s": 2.0},
+            "circuit_breaker": {"failure_threshold": 1000}, **extra}
+
+
+@pytest.fixture(scope="session")
+def app_config_file(tmp_path_factory, upstreams, vllm_upstream) -> Path:
+    """The test app: the default model with a short context, a real vLLM upstream offering the same model,
+    misbehaving upstreams offering `echo-model`, and API keys on."""
     import yaml
 
+    alpha, beta = upstreams["alpha"].url, upstreams["beta"].url
+    providers = [
+        {"name": "vllm", "base_url": vllm_upstream["url"] + "/v1",
+         "models": [{"id": MODEL_ID, "upstream": "smollm2-upstream", "price": {"prompt": 0.5, "completion": 1.0}}],
+         "timeouts": {"read_s": 120}},
+        _provider("fast", alpha, "echo"),
+        _provider("cheap", beta, "echo", price=(0.01, 0.02)),
+        _provider("slowpoke", beta, "slow", price=(0.05, 0.05)),
+        _provider("flaky", alpha, "rate-limited-1"),
+        _provider("patient", alpha, "rate-limited-30"),
+        _provider("broken", alpha, "error-500"),
+        _provider("hanging", alpha, "hang", timeouts={"read_s": 1.0}, retry={"attempts": 1}),
+        _provider("dropper", alpha, "drop"),
+        _provider("picky", alpha, "bad-request"),
+        _provider("limited-params", beta, "echo", supported_parameters=["max_tokens", "temperature"]),
+        _provider("switchy", beta, "switch", retry={"attempts": 1},
+                  circuit_breaker={"failure_threshold": 2, "cooldown_s": 2.0}),
+        {"name": "broken-only", "base_url": alpha, "models": [{"id": "lonely-model", "upstream": "error-500"}],
+         "retry": {"attempts": 1}, "circuit_breaker": {"failure_threshold": 1000}},
+    ]
     config = {
         "models": [{
             "id": MODEL_ID,
@@ -95,8 +168,11 @@ def app_config_file(tmp_path_factory) -> Path:
             "resources": {"num_cpus": 1},
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
         }],
+        "providers": providers,
+        "aliases": {"smart": ["lonely-model", "echo-model"]},
         "ingress": {"max_body_bytes": 256 * 1024, "max_n": 4,
-                    "api_keys": [{"name": "tests", "sha256": _sha256(TEST_KEY)}]},
+                    "api_keys": [{"name": name, "sha256": _sha256(key), **policy}
+                                 for name, (key, policy) in KEYS.items()]},
     }
     path = tmp_path_factory.mktemp("config") / "app.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -110,7 +186,7 @@ def _sha256(text: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(ray_head, app_config_file, tmp_path_factory) -> str:
+def server(ray_head, app_config_file, vllm_upstream, tmp_path_factory) -> str:
     """Base URL of the app, deployed with `serve deploy` from the Serve config file shipped in the repo
     (only its port and app config path changed)."""
     import subprocess
@@ -139,6 +215,9 @@ def server(ray_head, app_config_file, tmp_path_factory) -> str:
         assert status is None or status.status != "DEPLOY_FAILED", status.message
         assert time.monotonic() < deadline, f"app not running after 600 s: {status}"
         time.sleep(1)
+    from jobs.bench.serve_targets import wait_ready
+
+    wait_ready(vllm_upstream["url"] + "/health", timeout_s=600, process=vllm_upstream["process"])
     return f"http://127.0.0.1:{port}"
 
 

@@ -16,8 +16,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 def test_models_list(client):
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL_ID]
-    assert models.data[0].owned_by == "tuneserve"
+    assert models.data[0].id == MODEL_ID and models.data[0].owned_by == "tuneserve"
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
 
 

@@ -1,0 +1,164 @@
+"""A small, real OpenAI-compatible HTTP server that misbehaves on demand, for router tests and benchmarks.
+
+The upstream model name picks the behaviour:
+
+| model            | behaviour                                                                  |
+|------------------|----------------------------------------------------------------------------|
+| `echo`           | well-behaved and fast: streams `max_tokens` tokens ("tok0 tok1 ...")         |
+| `slow`           | well-behaved, 100 ms per token                                              |
+| `rate-limited-N` | 429 with `Retry-After: N`                                                   |
+| `error-500`      | 500                                                                         |
+| `bad-request`    | 400 with an OpenAI error                                                    |
+| `hang`           | never answers (until the client times out)                                  |
+| `drop`           | streams two tokens, then drops the connection                               |
+| `switch`         | 503 while `POST /control {"failing": true}` is in force, else like `echo`  |
+
+    python -m jobs.bench.upstream --port 9000      # run one by hand
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+def build_upstream(name: str) -> FastAPI:
+    app = FastAPI()
+    app.state.failing = False
+    app.state.calls = Counter()
+
+    @app.post("/control")
+    async def control(request: Request) -> dict:
+        app.state.failing = bool((await request.json()).get("failing"))
+        return {"failing": app.state.failing}
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        return dict(app.state.calls)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": "echo", "object": "model", "owned_by": name}]}
+
+    async def handle(request: Request, chat: bool):
+        body = await request.json()
+        model = str(body.get("model", "echo"))
+        app.state.calls[model] += 1
+        if model.startswith("rate-limited"):
+            wait = model.rsplit("-", 1)[-1]
+            return _error(429, "Rate limited by upstream.", headers={"Retry-After": wait if wait.isdigit() else "1"})
+        if model == "error-500" or (model == "switch" and app.state.failing):
+            return _error(500 if model == "error-500" else 503, "Upstream failure.")
+        if model == "bad-request":
+            return _error(400, "Upstream says: this request is invalid.")
+        if model == "hang":
+            await asyncio.sleep(3600)
+        count = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        delay = 0.1 if model == "slow" else 0.0
+        prompt_tokens = len(json.dumps(body.get("messages") or body.get("prompt") or "")) // 4
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_stream(name, model, chat, count, delay, prompt_tokens, usage),
+                                     media_type="text/event-stream")
+        text = "".join(f"tok{i} " for i in range(count))
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                  if chat else {"index": 0, "text": text, "finish_reason": "length"})
+        return {"id": f"up-{time.time_ns()}", "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": model, "choices": [choice],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                          "total_tokens": prompt_tokens + count}}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    return app
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _stream(name: str, model: str, chat: bool, count: int, delay: float, prompt_tokens: int, usage: bool):
+    created = int(time.time())
+    for i in range(count):
+        if model == "drop" and i == 2:
+            raise ConnectionResetError("dropping the connection on purpose")
+        if delay:
+            await asyncio.sleep(delay)
+        finish = "length" if i == count - 1 else None
+        choice = ({"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": finish} if chat
+                  else {"index": 0, "text": f"tok{i} ", "finish_reason": finish})
+        event = {"id": f"up-{name}", "object": "chat.completion.chunk" if chat else "text_completion",
+                 "created": created, "model": model, "choices": [choice]}
+        yield f"data: {json.dumps(event)}\n\n"
+    if usage:
+        event = {"id": f"up-{name}", "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                                          "total_tokens": prompt_tokens + count}}
+        yield f"data: {json.dumps(event)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+class UpstreamServer:
+    """Runs an upstream in a background thread on 127.0.0.1; `with UpstreamServer("a") as server: server.url`."""
+
+    def __init__(self, name: str, port: int = 0):
+        self.name = name
+        self.app = build_upstream(name)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="off", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "UpstreamServer":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> "UpstreamServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench.upstream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--name", default="upstream")
+    args = parser.parse_args(argv)
+    uvicorn.run(build_upstream(args.name), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
