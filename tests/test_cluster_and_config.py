@@ -34,7 +34,14 @@ def test_ray_job_submit_with_token_auth(ray_head):
     assert "CPUS 2.0" in result.stdout
 
 
-def test_shipped_configs_parse():
+def test_shipped_configs_parse(monkeypatch):
+    for var in ("TUNESERVE_KEY_ALICE", "TUNESERVE_KEY_OPS", "TUNESERVE_KEY_INTERN"):
+        monkeypatch.setenv(var, var.lower())
+    routed = load_config(REPO_ROOT / "serve_app" / "configs" / "router.yaml")
+    assert [p.name for p in routed.providers] == ["openrouter", "hosted-vllm"]
+    from serve_app.auth import KeyStore
+
+    assert KeyStore(routed.ingress.api_keys).authenticate("Bearer tuneserve_key_ops").admin
     config = load_config(DEFAULT_CONFIG)
     assert config.models[0].path == "default" and config.models[0].serve_scaling() == {"num_replicas": 1}
     serve_config = yaml.safe_load((REPO_ROOT / "serve_app" / "configs" / "serve.yaml").read_text())
@@ -71,6 +78,11 @@ def test_env_expansion_and_autoscaling(tmp_path, monkeypatch):
     ({"models": [{"id": "a", "dtype": "int3"}]}, "dtype"),
     ({"models": [{"id": "a", "engine_kwarg": {}}]}, "engine_kwarg"),
     ({"models": [{"id": "a"}], "ingress": {"api_keys": [{"name": "k"}]}}, "exactly one"),
+    ({"providers": [{"name": "local", "base_url": "http://x", "models": [{"id": "m"}]}]}, "reserved"),
+    ({"providers": [{"name": "p", "base_url": "ftp://x", "models": [{"id": "m"}]}]}, "base_url"),
+    ({"providers": [{"name": "p", "base_url": "http://x", "models": []}]}, "models"),
+    ({"models": [{"id": "a"}], "aliases": {"b": ["zzz"]}}, "unknown: ['zzz']"),
+    ({"models": [{"id": "a"}], "aliases": {"a": ["a"]}}, "hides a model"),
 ])
 def test_bad_configs_are_refused(bad, needle):
     with pytest.raises(ValidationError) as caught:

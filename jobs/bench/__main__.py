@@ -1,7 +1,8 @@
-"""Benchmarks: `python -m jobs.bench serve` compares serving stacks on the same model under the same load.
+"""Benchmarks, each measuring its contenders side by side in one run:
 
     python -m jobs.bench serve --concurrency 8 --requests 48 --max-tokens 64
     python -m jobs.bench serve --targets vllm,tuneserve --model /path/to/hf-folder --concurrency 1,16,64
+    python -m jobs.bench router --rate 20 --requests 400
 """
 
 from __future__ import annotations
@@ -102,11 +103,33 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
     serve.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
     serve.add_argument("--out", default=None, help="write results as JSON here")
+    router = sub.add_parser("router", help="latency the router adds over calling a fast upstream directly")
+    router.add_argument("--rate", type=float, default=20.0, help="requests per second (open loop)")
+    router.add_argument("--requests", type=int, default=400)
+    router.add_argument("--max-tokens", type=int, default=16)
+    router.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         serve_benchmark(args)
+    else:
+        router_benchmark(args)
+
+
+def router_benchmark(args: argparse.Namespace) -> None:
+    import ray
+
+    from jobs.bench.router_overhead import run
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    rows = run(args.rate, args.requests, args.max_tokens)
+    ray.shutdown()
+    print("\n" + markdown_table(rows, list(rows[0])))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+                                              "results": rows}, indent=1))
 
 
 if __name__ == "__main__":
