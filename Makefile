@@ -13,7 +13,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch==2.13.0" --extra-index-url $(TORCH_INDEX)
+	# torch alone from the CPU index (no deps: they come from PyPI with the project below)
+	$(PY) -m pip install -q --no-deps --retries 1 "torch==2.13.0" --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e ".[cpu,test]"
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU torch.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true

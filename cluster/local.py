@@ -184,6 +184,24 @@ def down(timeout_s: float = 15.0) -> None:
     print(f"stopped {len(pids)} Ray processes" + (f" ({len(leftovers)} killed)" if leftovers else ""))
 
 
+def connect(**init_kwargs):
+    """Join the Ray cluster a job should run on: the one `ray job submit` names (RAY_ADDRESS), else this
+    project's local head when it is up, else a fresh local Ray that lives as long as this process."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and not address.startswith("http"):
+        return ray.init(address=address, **init_kwargs)
+    if is_up():
+        for key, value in client_env().items():
+            if key != "RAY_ADDRESS":
+                os.environ.setdefault(key, value)
+        return ray.init(address=gcs_address(), **init_kwargs)
+    os.environ.pop("RAY_ADDRESS", None)  # a dashboard URL is for the job CLI, not ray.init
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return ray.init(address="local", include_dashboard=False, **init_kwargs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cluster.local",
                                      description="Start, inspect or stop this project's local Ray head.")
