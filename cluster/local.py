@@ -68,11 +68,14 @@ def token_path() -> Path:
 
 
 def client_env() -> dict[str, str]:
-    """What a Ray client (ray job submit, serve deploy, ray.init) needs to reach this head."""
+    """What a Ray client (ray job submit, serve deploy, ray.init) needs to reach this head. Ray reads these
+    when it is imported, so set them before `import ray`."""
     return {
         "RAY_ADDRESS": dashboard_url(),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path()),
+        # Keep "127.0.0.1" as it is: otherwise Ray swaps it for the host's address, where the head is not.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
 
 
@@ -147,7 +150,7 @@ def up(num_cpus: int | None = None) -> None:
     ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    env = {**os.environ, **client_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, **client_env()}
     # Job entrypoints (`ray job submit -- python -m ...`) inherit the head's PATH: put our venv first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS")  # `ray start --head` must not try to join an existing cluster
@@ -186,19 +189,24 @@ def down(timeout_s: float = 15.0) -> None:
 
 def connect(**init_kwargs):
     """Join the Ray cluster a job should run on: the one `ray job submit` names (RAY_ADDRESS), else this
-    project's local head when it is up, else a fresh local Ray that lives as long as this process."""
-    import ray
-
+    project's local head when it is up, else a fresh local Ray that lives as long as this process.
+    Call it before anything imports ray (see client_env)."""
     address = os.environ.get("RAY_ADDRESS", "")
     if address and not address.startswith("http"):
+        import ray
+
         return ray.init(address=address, **init_kwargs)
+    os.environ.pop("RAY_ADDRESS", None)  # a dashboard URL is for the job CLI, not ray.init
     if is_up():
         for key, value in client_env().items():
             if key != "RAY_ADDRESS":
                 os.environ.setdefault(key, value)
+        import ray
+
         return ray.init(address=gcs_address(), **init_kwargs)
-    os.environ.pop("RAY_ADDRESS", None)  # a dashboard URL is for the job CLI, not ray.init
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
     return ray.init(address="local", include_dashboard=False, **init_kwargs)
 
 

@@ -19,15 +19,12 @@ APP_NAME = "tuneserve"
 
 
 def deploy(config_path: str, port: int) -> None:
+    local.connect(logging_level=logging.WARNING, log_to_driver=False)
     import ray
     from ray import serve
 
     from serve_app.app import build_from_config
 
-    for key, value in local.client_env().items():
-        os.environ.setdefault(key, value)
-    os.environ.pop("RAY_ADDRESS", None)  # ray.init takes the GCS address below, not the dashboard's
-    ray.init(address=local.gcs_address(), logging_level=logging.WARNING, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     print("deploying the Serve app (the engine's first start takes 30-60 s on a CPU) ...", flush=True)
     started = time.monotonic()

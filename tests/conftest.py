@@ -255,3 +255,9 @@ def engine_handle(server):
     return serve.get_deployment_handle(engine_deployment_name(MODEL_ID), app_name="tuneserve")
 
 
+
+
+def pytest_collection_modifyitems(items):
+    """Offline-engine tests first: they start their own engines, best before the shared app's engines
+    (and the vLLM upstream) take their share of this small machine's memory and cores."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("evaluate_offline") else 1)
