@@ -99,6 +99,34 @@ def _our_processes() -> set[int]:
     return found
 
 
+def _with_descendants(roots: set[int]) -> set[int]:
+    """The roots and every process below them. Ray's agents and workers rename themselves ("ray::...")
+    so their command lines no longer name our temp dir: they are found as children of the head's daemons."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
+def our_processes() -> set[int]:
+    """Every live process of this head: its daemons, their agents and workers, and what those started."""
+    roots = {pid for pid in _recorded_pids() | _our_processes() if _alive(pid)}
+    return {pid for pid in _with_descendants(roots) if pid != os.getpid() and _alive(pid)}
+
+
 def _recorded_pids() -> set[int]:
     try:
         return {int(line) for line in _pidfile().read_text().split() if line.strip()}
@@ -107,13 +135,11 @@ def _recorded_pids() -> set[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (zombies, which only wait for their parent to reap them, count as gone)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
 
 
 def is_up() -> bool:
@@ -162,9 +188,8 @@ def up(num_cpus: int | None = None) -> None:
     print(f"Ray head up: {gcs_address()}, dashboard {dashboard_url()}")
 
 
-def down(timeout_s: float = 15.0) -> None:
-    pids = (_recorded_pids() | _our_processes()) - {os.getpid()}
-    pids = {pid for pid in pids if _alive(pid)}
+def down(timeout_s: float = 10.0) -> None:
+    pids = our_processes()  # gathered before any dies: orphans lose their link to the head
     if not pids:
         print("no local Ray head of ours is running")
         _pidfile().unlink(missing_ok=True)
@@ -177,7 +202,7 @@ def down(timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.2)
-    leftovers = {pid for pid in pids | _our_processes() if _alive(pid)}
+    leftovers = {pid for pid in pids | our_processes() if _alive(pid)}
     for pid in leftovers:
         try:
             os.kill(pid, signal.SIGKILL)

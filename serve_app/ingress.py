@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,6 +29,7 @@ from serve_app.serving import OpenAIServing
 log = logging.getLogger("tuneserve.ingress")
 
 HEALTH_TIMEOUT_S = 10.0
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class RequestGuard:
@@ -73,6 +76,7 @@ class RequestGuard:
 
 api = FastAPI(title="tuneserve", description="OpenAI-compatible API over vLLM engines on Ray Serve.",
               docs_url="/docs", redoc_url=None)
+api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the chat page's JS and CSS
 
 
 @api.exception_handler(APIError)
@@ -121,6 +125,15 @@ class Ingress:
         api.user_middleware.clear()
         api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,
                            keys=KeyStore(config.ingress.api_keys))
+
+    @api.get("/", include_in_schema=False)
+    async def chat_page(self) -> FileResponse:
+        """The web chat (static/): it talks to this same app through /v1."""
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @api.get("/chat", include_in_schema=False)
+    async def chat_page_alias(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:

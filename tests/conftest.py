@@ -77,7 +77,7 @@ def ray_head():
     finally:
         ray.shutdown()
         local.down()
-    leftovers = local._our_processes()
+    leftovers = local.our_processes()
     assert not leftovers, f"cluster.local down left processes behind: {leftovers}"
 
 

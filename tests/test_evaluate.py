@@ -59,9 +59,14 @@ def test_bad_datasets(tmp_path):
         gsm8k.load(str(wrong))
 
 
-def _evaluate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _evaluate(*args: str, env: dict | None = None, own_ray: bool = False) -> subprocess.CompletedProcess:
+    """Run the job as a user would. With own_ray, it finds no cluster to join and starts its own Ray."""
+    base = dict(os.environ)
+    if own_ray:
+        base = {k: v for k, v in base.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+        base["TUNESERVE_RAY_PORT"] = "1"  # nothing listens there: the session's head is not joined
     return subprocess.run([sys.executable, "-m", "jobs.evaluate", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, **(env or {})})
+                          text=True, timeout=900, env={**base, **(env or {})})
 
 
 def test_cli_errors_are_clear(tmp_path, server):
@@ -72,7 +77,7 @@ def test_cli_errors_are_clear(tmp_path, server):
     unknown = _evaluate("--endpoint", f"{server}/v1", "--model", "nope", "--limit", "1",
                         env={"TUNESERVE_API_KEY": TEST_KEY})
     assert unknown.returncode == 2 and "model 'nope' is not served" in unknown.stderr
-    too_big = _evaluate("--mode", "tp", "--tensor-parallel", "64", "--limit", "1")
+    too_big = _evaluate("--mode", "tp", "--tensor-parallel", "64", "--limit", "1", own_ray=True)
     assert too_big.returncode == 2 and "need 64 CPUs" in too_big.stderr
 
 
@@ -92,12 +97,11 @@ def test_endpoint_run_against_the_serving_slice(server, tmp_path):
 def test_dp1_and_dp2_give_identical_outputs(tmp_path):
     """Two offline engines as Ray actors split the questions and merge them back in order; at temperature 0
     the per-example outputs match one engine's. Runs in its own local Ray (the job's own path)."""
-    env = {"RAY_ADDRESS": "", "TUNESERVE_RAY_PORT": "1"}  # no cluster to join: the job starts its own
     runs = {}
     for replicas in (1, 2):
         out = tmp_path / f"dp{replicas}"
         result = _evaluate("--mode", "dp", "--replicas", str(replicas), "--limit", "20", "--max-tokens", "96",
-                           "--out", str(out), env=env)
+                           "--out", str(out), own_ray=True)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[replicas] = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["index"] for s in runs[2]] == list(range(20))
