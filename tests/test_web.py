@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,12 @@ def page(browser, server):
     page.goto(f"{server}/")
     yield page
     context.close()
+
+
+def _unfinished(engine_handle) -> int:
+    """Playwright's sync API runs an event loop in this thread; Serve's blocking calls must run in another."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: engine_handle.num_unfinished_requests.remote().result()).result()
 
 
 def _use_key(page, key: str) -> None:
@@ -84,7 +91,7 @@ def test_page_streams_stops_clears_and_shows_errors(page, server, engine_handle)
     page.click("#stop")
     page.wait_for_function("[...document.querySelectorAll('.message.assistant .stats')].pop().textContent.startsWith('stopped')")
     deadline = time.monotonic() + 20
-    while engine_handle.num_unfinished_requests.remote().result() > 0:
+    while _unfinished(engine_handle) > 0:
         assert time.monotonic() < deadline, "the server kept generating after Stop"
         time.sleep(0.25)
 
