@@ -65,11 +65,14 @@ def serve_benchmark(args: argparse.Namespace) -> None:
         with TARGETS[kind](spec, **options) as base_url:
             print(f"== {name}: ready in {time.monotonic() - started:.0f} s at {base_url}", flush=True)
             for level in levels:
+                count = max(level, min(args.requests, args.max_requests_per_stream * level))
                 report = asyncio.run(run_load(name, base_url, spec.model_id, concurrency=level,
-                                              num_requests=max(args.requests, level), prompt_words=args.prompt_words,
+                                              num_requests=count, prompt_words=args.prompt_words,
                                               max_tokens=args.max_tokens))
                 print(json.dumps(report.row()), flush=True)
                 reports.append(report)
+                if args.out:  # written as it goes: a long run cut short still leaves its figures
+                    Path(args.out).with_suffix(".partial.jsonl").open("a").write(json.dumps(report.row()) + "\n")
     ray.shutdown()
 
     rows = [r.row() for r in reports]
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--engine-kwargs", default=None, help="JSON of extra vLLM engine args for every target")
     serve.add_argument("--concurrency", default="8", help="comma list of concurrent streams")
     serve.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    serve.add_argument("--max-requests-per-stream", type=int, default=10**6,
+                       help="cap requests at this many per concurrent stream (keeps concurrency 1 short)")
     serve.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
     serve.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
     serve.add_argument("--out", default=None, help="write results as JSON here")

@@ -8,12 +8,15 @@ Both sides are normalised (commas, "$" and a trailing "." removed) and must then
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 INSTRUCTION = "Let's think step by step and output the final answer after \"####\"."
-DEFAULT_GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+# The shared copy beside the repository (override with TUNESERVE_GSM8K).
+DEFAULT_GSM8K = Path(os.environ.get(
+    "TUNESERVE_GSM8K", Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
 
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")

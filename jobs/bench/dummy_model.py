@@ -1,0 +1,49 @@
+"""A model folder for throughput benchmarks with dummy weights (`load_format=dummy`): a Llama config of a
+chosen shape plus the SmolLM2 tokenizer (vocab 49152). Never use it for accuracy figures.
+
+    python -m jobs.bench.dummy_model --shape llama3-8b --tokenizer <smollm2 folder> --out /tmp/llama3-8b-dummy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+SHAPES = {
+    # Llama-3-8B: 32 layers, hidden 4096, GQA 32/8, MLP 14336 (vocab cut to the SmolLM2 tokenizer's 49152).
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8},
+    # A ~1.8B Llama shape.
+    "llama-1.8b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                   "num_attention_heads": 16, "num_key_value_heads": 8},
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def write_dummy_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+              "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "bos_token_id": 1, "eos_token_id": 2, **SHAPES[shape]}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench.dummy_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--tokenizer", required=True, help="folder with the SmolLM2 tokenizer files")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    print(write_dummy_model(args.shape, Path(args.tokenizer), Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
