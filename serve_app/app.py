@@ -12,6 +12,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve import Application
 
+from cluster.local import SERVE_REPLICA_ENV
 from cluster.resources import cluster_has_gpus
 from serve_app.config import DEFAULT_CONFIG, AppConfig, ModelConfig, load_config
 from serve_app.engine import CPU_ENGINE_ENV, EngineDeployment
@@ -29,9 +30,9 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
     if num_gpus == "auto":
         num_gpus = model.tensor_parallel_size if gpus_present else 0
     on_gpu = num_gpus > 0
-    actor_options = {"num_cpus": model.resources.num_cpus, "num_gpus": num_gpus}
-    if not on_gpu:
-        actor_options["runtime_env"] = {"env_vars": dict(CPU_ENGINE_ENV)}
+    env = {**SERVE_REPLICA_ENV, **({} if on_gpu else CPU_ENGINE_ENV)}
+    actor_options = {"num_cpus": model.resources.num_cpus, "num_gpus": num_gpus,
+                     "runtime_env": {"env_vars": env}}
     deployment = serve.deployment(EngineDeployment).options(
         name=engine_deployment_name(model.id),
         ray_actor_options=actor_options,
@@ -47,7 +48,9 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
 def build_from_config(config: AppConfig) -> Application:
     gpus_present = cluster_has_gpus()
     engines = {model.id: _engine_app(model, gpus_present) for model in config.models}
-    return Ingress.options(num_replicas=config.ingress.num_replicas).bind(config, engines)
+    ingress = Ingress.options(num_replicas=config.ingress.num_replicas,
+                              ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}})
+    return ingress.bind(config, engines)
 
 
 def build_app(args: dict | None = None) -> Application:

@@ -95,7 +95,8 @@ class EngineDeployment:
                          owned_by=self.config.owned_by)
 
     async def num_unfinished_requests(self) -> int:
-        return self.engine.get_num_unfinished_requests()
+        # AsyncLLM has no public counter in every vLLM release (0.26 lacks it); its output processor does.
+        return self.engine.output_processor.get_num_unfinished_requests()
 
     async def check_health(self) -> None:
         """Called by Ray Serve; an exception marks the replica unhealthy and gets it replaced."""

@@ -10,6 +10,7 @@ Each is a context manager that yields the base URL (`http://127.0.0.1:PORT/v1`) 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -73,6 +74,8 @@ def raw_vllm(spec: EngineSpec) -> Iterator[str]:
         flag = "--" + key.replace("_", "-")
         if value is True:
             cmd.append(flag)
+        elif isinstance(value, (dict, list)):
+            cmd += [flag, json.dumps(value)]
         elif value is not False:
             cmd += [flag, str(value)]
     env = {**os.environ, **({} if spec.on_gpu else CPU_ENGINE_ENV)}
