@@ -115,7 +115,8 @@ class EngineDeployment:
                 text = self.tokenizer.apply_chat_template(request.messages, tokenize=False,
                                                           add_generation_prompt=True)
             except Exception as exc:  # a template that rejects the conversation (roles, order)
-                raise EngineRequestError(f"The chat template rejected the messages: {exc}", param="messages")
+                raise EngineRequestError(f"The chat template rejected the messages: {exc}",
+                                         param="messages") from None
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             where = "messages"
         elif isinstance(request.prompt, str):

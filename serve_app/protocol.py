@@ -52,12 +52,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def format_validation_error(errors: list[dict[str, Any]]) -> APIError:
     """Turn pydantic/FastAPI validation errors into one readable 400 that names the offending field."""
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     # pydantic puts the union member's type name in the location; it means nothing to the client
-    loc = [part for part in loc if not part.startswith(("function-", "list[", "str", "int", "constrained"))]
+    loc = [part for part in loc if part not in _UNION_TAGS and not part.startswith(("function-", "list[", "constrained-"))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return APIError(400, f"Request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")

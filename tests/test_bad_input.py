@@ -87,7 +87,8 @@ def test_prompt_longer_than_context(client):
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 2.5), ("temperature", -1), ("top_p", 0),
-                                         ("top_p", 1.5), ("presence_penalty", 3), ("n", 0)])
+                                         ("top_p", 1.5), ("presence_penalty", 3), ("n", 0),
+                                         ("stream", "maybe"), ("stop", 5), ("seed", "x")])
 def test_sampling_out_of_range(http, field, value):
     error = _error(http.post("/v1/chat/completions", json={**GOOD, field: value}), 400)
     assert error["param"] == field
