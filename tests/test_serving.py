@@ -170,3 +170,11 @@ def test_health_and_metrics(server, client):
     for name in ("tuneserve_time_to_first_token_seconds_bucket", "tuneserve_request_latency_seconds_bucket",
                  "tuneserve_completion_tokens_total", "tuneserve_prompt_tokens_total"):
         assert name in metrics
+
+
+def test_engine_reports_its_model(engine_handle):
+    from tests.conftest import TEST_MAX_MODEL_LEN
+
+    info = engine_handle.model_info.remote().result()
+    assert info.id == MODEL_ID and info.max_model_len == TEST_MAX_MODEL_LEN
+    assert info.root.endswith("smollm2-135m-instruct")
