@@ -90,7 +90,7 @@ def _pidfile() -> Path:
     return ray_dir() / "head.pids"
 
 
-def _our_processes() -> set[int]:
+def _marked_processes() -> set[int]:
     """PIDs whose command line names our temp dir: the head's daemons and the workers they spawned."""
     marker = str(ray_dir())
     found = set()
@@ -130,7 +130,7 @@ def _with_descendants(roots: set[int]) -> set[int]:
 
 def our_processes() -> set[int]:
     """Every live process of this head: its daemons, their agents and workers, and what those started."""
-    roots = {pid for pid in _recorded_pids() | _our_processes() if _alive(pid)}
+    roots = {pid for pid in _recorded_pids() | _marked_processes() if _alive(pid)}
     return {pid for pid in _with_descendants(roots) if pid != os.getpid() and _alive(pid)}
 
 
@@ -191,7 +191,7 @@ def up(num_cpus: int | None = None) -> None:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"ray start failed:\n{result.stdout}\n{result.stderr}")
-    _pidfile().write_text("\n".join(str(pid) for pid in sorted(_our_processes())) + "\n")
+    _pidfile().write_text("\n".join(str(pid) for pid in sorted(_marked_processes())) + "\n")
     print(f"Ray head up: {gcs_address()}, dashboard {dashboard_url()}")
 
 

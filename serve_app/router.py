@@ -83,9 +83,6 @@ class Router:
 
     # -- planning -----------------------------------------------------------------------------------
 
-    def known(self, model: str) -> bool:
-        return model in self.candidates or model in self.aliases
-
     def expand(self, models: list[str]) -> list[str]:
         """Aliases become their candidate lists; unknown ids are a 404 naming the first one."""
         expanded: list[str] = []

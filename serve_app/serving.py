@@ -38,7 +38,6 @@ def _token_bytes(token: str) -> list[int]:
 class ChatRenderer:
     chunk_object = "chat.completion.chunk"
     final_object = "chat.completion"
-    id_prefix = "chatcmpl"
 
     def delta_choice(self, delta: ChoiceDelta, first: bool, state: dict) -> dict:
         message = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
@@ -63,7 +62,6 @@ class ChatRenderer:
 class CompletionRenderer:
     chunk_object = "text_completion"
     final_object = "text_completion"
-    id_prefix = "cmpl"
 
     def delta_choice(self, delta: ChoiceDelta, first: bool, state: dict) -> dict:
         return {"index": delta.index, "text": delta.text, "logprobs": self.logprobs(delta.logprobs, state),
@@ -122,9 +120,7 @@ class OpenAIServing:
     async def _complete(self, endpoint: str, body: _SamplingFields, request: GenerateRequest, renderer,
                         key: ApiKey | None):
         requested = body.requested_models()
-        for model in requested:  # unknown models are a 404 before any limit is spent
-            if not self.router.known(model):
-                self.router.expand([model])
+        self.router.expand(requested)  # unknown models are a 404 before any limit is spent
         self.accounting.admit(key, requested)
         if body.n > self.max_n:
             raise APIError(400, f"'n' must be at most {self.max_n} on this server.", param="n")

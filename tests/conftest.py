@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.bench.serve_targets import free_port
+
 for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                      "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_DEDUP_LOGS": "0"}.items():
     os.environ.setdefault(_key, _value)
@@ -20,12 +22,6 @@ TEST_KEY = "sk-tuneserve-test-key"  # the admin key of KEYS below
 MODEL_ID = "smollm2-135m-instruct"
 TEST_MAX_MODEL_LEN = 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def free_port_block(size: int) -> int:
