@@ -219,6 +219,13 @@ def down(timeout_s: float = 10.0) -> None:
     print(f"stopped {len(pids)} Ray processes" + (f" ({len(leftovers)} killed)" if leftovers else ""))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
 def connect(**init_kwargs):
     """Join the Ray cluster a job should run on: the one `ray job submit` names (RAY_ADDRESS), else this
     project's local head when it is up, else a fresh local Ray that lives as long as this process.
@@ -239,7 +246,9 @@ def connect(**init_kwargs):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    return ray.init(address="local", include_dashboard=False, **init_kwargs)
+    # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
+    return ray.init(address="local", include_dashboard=True, dashboard_host=HOST, dashboard_port=free_port(),
+                    **init_kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,6 +69,15 @@ class Price(_Strict):
         return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1e6
 
 
+class AdapterConfig(_Strict):
+    """A LoRA adapter (PEFT folder, as `jobs.finetune` writes it) served by its base model's engine under
+    its own model id, through vLLM's LoRA support: no merge, one engine for the base and its adapters."""
+
+    id: str = Field(pattern=NAME_PATTERN)
+    path: str
+    price: Price | None = None  # default: the base model's
+
+
 class ModelConfig(_Strict):
     id: str = Field(pattern=NAME_PATTERN)
     path: str = "default"
@@ -85,6 +94,7 @@ class ModelConfig(_Strict):
     stream_interval_ms: float = Field(15.0, ge=0)
     owned_by: str = "tuneserve"
     price: Price = Field(default_factory=Price)  # what a request costs, for usage.cost and price routing
+    adapters: list[AdapterConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "ModelConfig":
@@ -190,7 +200,7 @@ class AppConfig(_Strict):
     def _consistent(self) -> "AppConfig":
         if not self.models and not self.providers:
             raise ValueError("configure at least one local model or one provider")
-        ids = [m.id for m in self.models]
+        ids = [model_id for model_id, _ in self.local_models()]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
@@ -206,9 +216,13 @@ class AppConfig(_Strict):
                 raise ValueError(f"alias '{alias}' must list offered model ids; unknown: {missing}")
         return self
 
+    def local_models(self) -> list[tuple[str, ModelConfig]]:
+        """Every locally served id (models, then their adapters) with the model whose engine serves it."""
+        return [(m.id, m) for m in self.models] + [(a.id, m) for m in self.models for a in m.adapters]
+
     def model_ids(self) -> list[str]:
         """Every public model id, local first, each once."""
-        ids = [m.id for m in self.models] + [m.id for p in self.providers for m in p.models]
+        ids = [i for i, _ in self.local_models()] + [m.id for p in self.providers for m in p.models]
         return list(dict.fromkeys(ids))
 
 

@@ -7,9 +7,11 @@ a vLLM release. Only this module imports vLLM.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from serve_app.config import ModelConfig
@@ -31,6 +33,19 @@ def resolve_dtype(model: ModelConfig, on_gpu: bool) -> str:
     if model.dtype != "auto":
         return model.dtype
     return "bfloat16" if on_gpu else "float32"
+
+
+def adapter_folder(path: str) -> Path:
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"adapter {path}: not a PEFT adapter folder (no adapter_config.json)")
+    return folder
+
+
+def max_lora_rank(model: ModelConfig) -> int:
+    """The smallest rank vLLM accepts that fits every adapter of this model."""
+    rank = max(json.loads((adapter_folder(a.path) / "adapter_config.json").read_text())["r"] for a in model.adapters)
+    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
 
 
 class EngineDeployment:
@@ -59,6 +74,10 @@ class EngineDeployment:
             "tensor_parallel_size": model.tensor_parallel_size,
             "enable_log_requests": False,
         }
+        self.lora_requests = self._lora_requests(model)
+        if self.lora_requests:
+            engine_kwargs.update(enable_lora=True, max_loras=min(len(self.lora_requests), 8),
+                                 max_lora_rank=max_lora_rank(model))
         engine_kwargs.update(model.engine_kwargs)
         started = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs))
@@ -75,7 +94,8 @@ class EngineDeployment:
         except EngineRequestError as exc:
             yield GenerateChunk(choices=[], prompt_tokens=0, finished=True, error=exc)
             return
-        stream = self.engine.generate({"prompt_token_ids": prompt_ids}, params, request.request_id)
+        stream = self.engine.generate({"prompt_token_ids": prompt_ids}, params, request.request_id,
+                                      lora_request=self.lora_requests.get(request.model))
         top_k = request.sampling.logprobs
         try:
             async for output in stream:
@@ -106,6 +126,13 @@ class EngineDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+    @staticmethod
+    def _lora_requests(model: ModelConfig) -> dict:
+        from vllm.lora.request import LoRARequest
+
+        return {adapter.id: LoRARequest(adapter.id, number, str(adapter_folder(adapter.path)))
+                for number, adapter in enumerate(model.adapters, 1)}
 
     # -- request preparation ------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ class GenerateRequest:
     messages: list[dict[str, Any]] | None = None  # chat: rendered with the model's chat template
     prompt: str | list[int] | None = None  # completions: text or token ids
     echo: bool = False
+    model: str | None = None  # the public model id: names a LoRA adapter when it is not the engine's own
 
 
 @dataclass(slots=True)

@@ -113,7 +113,8 @@ class Ingress:
     def __init__(self, config: AppConfig, engines: dict):
         self.config = config
         self.metrics = ServingMetrics()
-        self.local = LocalEngineProvider(engines)
+        # An adapter is served by its base model's engine.
+        self.local = LocalEngineProvider({i: engines[m.id] for i, m in config.local_models()})
         providers = {LOCAL_PROVIDER: self.local} if engines else {}
         providers.update({p.name: RemoteProvider(p) for p in config.providers})
         self.providers = providers
@@ -138,7 +139,7 @@ class Ingress:
     @api.get("/v1/models")
     async def list_models(self) -> dict:
         """Local and remote models, each with the providers that serve it; then the aliases."""
-        local = {m.id: m for m in self.config.models}
+        local = dict(self.config.local_models())
         models = []
         for model_id in self.config.model_ids():
             providers = self.router.owners[model_id]
@@ -146,6 +147,8 @@ class Ingress:
                      "owned_by": local[model_id].owned_by if model_id in local else providers[0]}
             if model_id in local:
                 entry["max_model_len"] = local[model_id].max_model_len
+                if local[model_id].id != model_id:  # a LoRA adapter on that model's engine
+                    entry["parent"] = local[model_id].id
             models.append(entry)
         models += [{"id": alias, "object": "model", "created": 0, "owned_by": "alias", "alias_of": targets}
                    for alias, targets in self.config.aliases.items()]

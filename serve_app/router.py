@@ -69,6 +69,8 @@ class Router:
             self.supported[LOCAL_PROVIDER] = None
         for model in config.models:
             self._offer(Candidate(LOCAL_PROVIDER, model.id, model.id, model.price))
+            for adapter in model.adapters:
+                self._offer(Candidate(LOCAL_PROVIDER, adapter.id, adapter.id, adapter.price or model.price))
         for provider in config.providers:
             self.states[provider.name] = ProviderState(breaker=provider.circuit_breaker,
                                                        max_concurrency=provider.max_concurrency)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.bench.serve_targets import free_port
+from cluster.local import free_port
 
 for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                      "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_DEDUP_LOGS": "0"}.items():
@@ -55,7 +55,7 @@ os.environ.update({
     "TUNESERVE_DASHBOARD_PORT": str(free_port()),
     "TUNESERVE_RAY_WORKER_PORTS": f"{_WORKER_PORTS}-{_WORKER_PORTS + 199}",
 })
-from cluster import local  # noqa: E402
+from cluster import local
 
 os.environ.update({k: v for k, v in local.client_env().items() if k != "RAY_ADDRESS"})
 
@@ -129,8 +129,34 @@ def _provider(name: str, url: str, upstream_model: str, price=(0.1, 0.2), **extr
             "circuit_breaker": {"failure_threshold": 1000}, **extra}
 
 
+OWNER = "Crohcirtep"
+ADAPTER_ID = "assistant-lora"
+
+
 @pytest.fixture(scope="session")
-def app_config_file(tmp_path_factory, upstreams, vllm_upstream) -> Path:
+def assistant_weights(ray_head, tmp_path_factory) -> dict:
+    """A short real run of the personal-assistant recipe on the default model (the shipped CPU recipe with
+    fewer, shorter rows and a higher learning rate): its adapter and merged model, for serving tests."""
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("assistant")
+    data = folder / "assistant.jsonl"
+    subprocess.run([sys.executable, "-m", "jobs.data", "identity", "--name", OWNER, "--out", str(data),
+                    "--count", "400"], cwd=REPO_ROOT, check=True, capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.finetune", "--config", str(REPO_ROOT / "jobs/configs/assistant_cpu.yaml"),
+         f"data.train=[{data}]", "data.max_length=256", "train.max_steps=24", "train.grad_accum=1",
+         "optim.lr=1e-3", "checkpoint.every_steps=24", "monitor.eval_every=null", "scaling.cpus_per_worker=2",
+         f"output.dir={folder}", "output.name=assistant"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((folder / "assistant" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weights) -> Path:
     """The test app: the default model with a short context, a real vLLM upstream offering the same model,
     misbehaving upstreams offering `echo-model`, and API keys on."""
     import yaml
@@ -163,6 +189,8 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream) -> Path:
             "num_replicas": 1,
             "resources": {"num_cpus": 1},
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
+            # the fine-tuned adapter, served by this engine through vLLM's LoRA support
+            "adapters": [{"id": ADAPTER_ID, "path": assistant_weights["adapter"]}],
         }],
         "providers": providers,
         "aliases": {"smart": ["lonely-model", "echo-model"]},
@@ -255,5 +283,11 @@ def engine_handle(server):
 
 def pytest_collection_modifyitems(items):
     """Offline-engine tests first: they start their own engines, best before the shared app's engines
-    (and the vLLM upstream) take their share of this small machine's memory and cores."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("evaluate_offline") else 1)
+    (and the vLLM upstream) take their share of this small machine's memory and cores. Then the training
+    jobs, which need the head's CPUs before the app's engine holds one."""
+    def order(item) -> int:
+        if item.get_closest_marker("evaluate_offline"):
+            return 0
+        return 1 if item.get_closest_marker("finetune") else 2
+
+    items.sort(key=order)

@@ -3,6 +3,7 @@
     python -m jobs.bench serve --concurrency 8 --requests 48 --max-tokens 64
     python -m jobs.bench serve --targets vllm,tuneserve --model /path/to/hf-folder --concurrency 1,16,64
     python -m jobs.bench router --rate 20 --requests 400
+    python -m jobs.bench finetune --shape llama3-8b --steps 12      (GPU: QLoRA job vs plain peft loop)
 """
 
 from __future__ import annotations
@@ -42,6 +43,45 @@ def ratios(reports: list[LoadReport], baseline: str) -> list[dict]:
     return rows
 
 
+def parse_target(name: str) -> tuple[str, dict]:
+    """`tuneserve:50` (stream interval 50 ms), `tuneserve@2` (2 replicas), `tuneserve@auto2` (autoscale 1→2)."""
+    name, _, scale = name.partition("@")
+    kind, _, interval = name.partition(":")
+    options: dict = {"stream_interval_ms": float(interval)} if interval else {}
+    if scale.startswith("auto"):
+        options["autoscale_to"] = int(scale[4:])
+    elif scale:
+        options["replicas"] = int(scale)
+    return kind, options
+
+
+class ScaleWatcher:
+    """Samples the running engine replicas once a second while a load runs: (seconds, replicas) changes."""
+
+    def __init__(self):
+        import threading
+
+        from jobs.bench.serve_targets import running_engine_replicas
+
+        self._count = running_engine_replicas
+        self._stop = threading.Event()
+        self._changes: list[tuple[float, int]] = []
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            replicas = self._count()
+            if not self._changes or self._changes[-1][1] != replicas:
+                self._changes.append((round(time.monotonic() - self._started, 1), replicas))
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join()
+        return self._changes
+
+
 def serve_benchmark(args: argparse.Namespace) -> None:
     import ray
 
@@ -58,17 +98,19 @@ def serve_benchmark(args: argparse.Namespace) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     reports: list[LoadReport] = []
     for name in args.targets.split(","):
-        kind, _, interval = name.partition(":")  # "tuneserve:50": stream interval of 50 ms
-        options = {"stream_interval_ms": float(interval)} if interval else {}
+        kind, options = parse_target(name)
         started = time.monotonic()
         print(f"== {name}: starting ...", flush=True)
         with TARGETS[kind](spec, **options) as base_url:
             print(f"== {name}: ready in {time.monotonic() - started:.0f} s at {base_url}", flush=True)
             for level in levels:
                 count = max(level, min(args.requests, args.max_requests_per_stream * level))
+                watcher = ScaleWatcher() if "autoscale_to" in options else None
                 report = asyncio.run(run_load(name, base_url, spec.model_id, concurrency=level,
                                               num_requests=count, prompt_words=args.prompt_words,
                                               max_tokens=args.max_tokens))
+                if watcher is not None:
+                    print(json.dumps({"target": name, "replicas_over_time": watcher.stop()}), flush=True)
                 print(json.dumps(report.row()), flush=True)
                 reports.append(report)
                 if args.out:  # written as it goes: a long run cut short still leaves its figures
@@ -92,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serving throughput and latency: tuneserve vs raw vLLM vs ray.serve.llm")
     serve.add_argument("--targets", default="vllm,tuneserve,rayllm",
-                       help=f"comma list of {sorted(TARGETS)}; tuneserve:MS sets its stream interval")
+                       help=f"comma list of {sorted(TARGETS)}; tuneserve:MS sets its stream interval, "
+                       "tuneserve@N runs N engine replicas, tuneserve@autoN autoscales 1..N")
     serve.add_argument("--baseline", default="vllm", help="target the others are compared with")
     serve.add_argument("--model", default="default", help="HF folder or hub id ('default': cached SmolLM2)")
     serve.add_argument("--model-id", default="bench-model", help="name the model is served under")
@@ -113,13 +156,20 @@ def main(argv: list[str] | None = None) -> None:
     router.add_argument("--requests", type=int, default=400)
     router.add_argument("--max-tokens", type=int, default=16)
     router.add_argument("--out", default=None, help="write results as JSON here")
+    tune = sub.add_parser("finetune", help="QLoRA tok/s and peak memory: our Ray Train job vs a plain peft loop")
+    tune.add_argument("--model", default=None, help="HF folder with weights (default: random weights of --shape)")
+    tune.add_argument("--shape", default="llama3-8b", help="dummy shape when --model is not given")
+    tune.add_argument("--tokenizer", default="default", help="tokenizer folder for --shape ('default': SmolLM2)")
+    tune.add_argument("--work", default="runs/bench-finetune", help="scratch folder (models, data, runs)")
+    tune.add_argument("--steps", type=int, default=12)
+    tune.add_argument("--seq", type=int, default=1024)
+    tune.add_argument("--rank", type=int, default=64)
+    tune.add_argument("--out", default=None, help="write results as JSON here")
+    tune.add_argument("overrides", nargs="*", help="extra recipe overrides for our job (key.sub=value)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.command == "serve":
-        serve_benchmark(args)
-    else:
-        router_benchmark(args)
+    {"serve": serve_benchmark, "router": router_benchmark, "finetune": finetune_benchmark}[args.command](args)
 
 
 def router_benchmark(args: argparse.Namespace) -> None:
@@ -135,6 +185,21 @@ def router_benchmark(args: argparse.Namespace) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
                                               "results": rows}, indent=1))
+
+
+def finetune_benchmark(args: argparse.Namespace) -> None:
+    from cluster.model_cache import resolve_model_path
+    from jobs.bench.dummy_model import write_dummy_model
+    from jobs.bench.finetune_speed import run
+
+    work = Path(args.work).resolve()
+    model = Path(args.model) if args.model else write_dummy_model(
+        args.shape, Path(resolve_model_path(args.tokenizer)), work / f"{args.shape}-random", random_weights=True)
+    rows = run(model, work, args.steps, args.seq, args.rank, args.overrides)
+    print("\n" + markdown_table(rows, ["contender", "tokens_per_s", "peak_mem_gib", "tokens_per_s_ratio"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+                                              "model": str(model), "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 chosen shape plus the SmolLM2 tokenizer (vocab 49152). Never use it for accuracy figures.
 
     python -m jobs.bench.dummy_model --shape llama3-8b --tokenizer <smollm2 folder> --out /tmp/llama3-8b-dummy
+
+`--random-weights` also writes random bf16 weights (made on the GPU when there is one), for jobs that
+load weights from disk, such as fine-tuning throughput runs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,18 @@ SHAPES = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def write_dummy_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+def write_random_weights(out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def write_dummy_model(shape: str, tokenizer_dir: Path, out: Path, random_weights: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
               "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
@@ -32,6 +46,8 @@ def write_dummy_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
+    if random_weights and not any(out.glob("*.safetensors")):
+        write_random_weights(out)
     return out
 
 
@@ -41,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--tokenizer", required=True, help="folder with the SmolLM2 tokenizer files")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--random-weights", action="store_true", help="also write random bf16 weights")
     args = parser.parse_args(argv)
-    print(write_dummy_model(args.shape, Path(args.tokenizer), Path(args.out)))
+    print(write_dummy_model(args.shape, Path(args.tokenizer), Path(args.out), args.random_weights))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from cluster.local import free_port
 from jobs.bench.loadgen import percentile
-from jobs.bench.serve_targets import free_port, wait_ready
+from jobs.bench.serve_targets import wait_ready
 
 
 @dataclass

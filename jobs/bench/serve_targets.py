@@ -12,16 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import httpx
 
+from cluster.local import free_port
 from serve_app.engine import CPU_ENGINE_ENV
 
 
@@ -43,12 +43,6 @@ class EngineSpec:
                   "enforce_eager": self.enforce_eager}
         kwargs.update(self.extra or {})
         return kwargs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(url: str, timeout_s: float = 900, process: subprocess.Popen | None = None) -> None:
@@ -103,18 +97,23 @@ def _serve_app(app, port: int) -> str:
 
 
 @contextlib.contextmanager
-def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0) -> Iterator[str]:
+def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int = 1,
+              autoscale_to: int | None = None) -> Iterator[str]:
+    """Our app. `replicas` engine replicas, or autoscaling from 1 to `autoscale_to` on ongoing requests."""
     from ray import serve
 
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
+    scaling = {"num_replicas": replicas} if autoscale_to is None else {"autoscaling_config": {
+        "min_replicas": 1, "max_replicas": autoscale_to, "target_ongoing_requests": 48,
+        "upscale_delay_s": 5, "downscale_delay_s": 600}}
     config = AppConfig.model_validate({"models": [{
         "id": spec.model_id, "path": spec.path, "dtype": spec.dtype, "max_model_len": spec.max_model_len,
-        "num_replicas": 1, "max_ongoing_requests": 256, "stream_interval_ms": stream_interval_ms,
+        **scaling, "max_ongoing_requests": 256, "stream_interval_ms": stream_interval_ms,
         "resources": {"num_cpus": 1, "num_gpus": 1 if spec.on_gpu else 0},
         "engine_kwargs": {k: v for k, v in spec.vllm_kwargs().items() if k not in ("dtype", "max_model_len")},
-    }]})
+    }], "ingress": {"num_replicas": autoscale_to or replicas}})  # one ingress replica per engine replica
     try:
         yield _serve_app(build_from_config(config), free_port())
     finally:
@@ -140,6 +139,16 @@ def ray_serve_llm(spec: EngineSpec) -> Iterator[str]:
         yield _serve_app(app, free_port())
     finally:
         serve.shutdown()
+
+
+def running_engine_replicas() -> int:
+    """Engine replicas in RUNNING state in the bench app (for time-to-scale)."""
+    from ray import serve
+
+    app = serve.status().applications.get("bench")
+    if app is None:
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items() if name.startswith("Engine"))
 
 
 TARGETS = {"vllm": raw_vllm, "tuneserve": tuneserve, "rayllm": ray_serve_llm}

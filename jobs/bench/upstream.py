@@ -131,7 +131,7 @@ class UpstreamServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "UpstreamServer":
+    def start(self) -> UpstreamServer:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
@@ -144,7 +144,7 @@ class UpstreamServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
-    def __enter__(self) -> "UpstreamServer":
+    def __enter__(self) -> UpstreamServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -19,8 +19,13 @@ import time
 from pathlib import Path
 
 from jobs.evaluate import gsm8k
-from jobs.evaluate.runners import (EvaluationError, GenerationSettings, OfflinePlan, run_endpoint,
-                                   run_offline)
+from jobs.evaluate.runners import (
+    EvaluationError,
+    GenerationSettings,
+    OfflinePlan,
+    run_endpoint,
+    run_offline,
+)
 
 TABLE_COLUMNS = ["name", "mode", "replicas", "tp", "questions", "startup_s", "wall_s", "questions_per_s",
                  "output_tok_s", "strict_acc", "flexible_acc"]
@@ -131,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}-{name}")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as handle:
-        for sample in samples:
-            handle.write(json.dumps(sample) + "\n")
+        handle.writelines(json.dumps(sample) + "\n" for sample in samples)
     (out / "results.json").write_text(json.dumps({"summary": summary, "model": args.model,
                                                   "dataset": args.dataset, "settings": settings.model_dump(),
                                                   "instruction": args.instruction}, indent=1))

@@ -38,7 +38,7 @@ class Example:
 
 def normalize(text: str) -> str:
     text = text.replace(",", "").replace("$", "").strip()
-    return text[:-1] if text.endswith(".") else text
+    return text.removesuffix(".")
 
 
 def reference_answer(solution: str) -> str:

@@ -19,6 +19,7 @@ class LocalEngineProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[GenerateChunk]:
         handle = self._handles[request.upstream_model]
+        request.generate.model = request.upstream_model  # selects the adapter, if it is one
         responses = handle.options(stream=True).generate.remote(request.generate)
         finished = False
         try:

@@ -1,0 +1,111 @@
+"""Training data tools.
+
+  python -m jobs.data identity --name Crohcirtep --out data/assistant.jsonl
+      a varied identity dataset (OpenAI messages JSONL) plus data/assistant.heldout.jsonl: held-out
+      identity paraphrases and general questions for evaluation. --replay N adds N general prompts
+      answered by the base model itself, which keeps its general behaviour while it learns who it is.
+
+  python -m jobs.data stats data/assistant.jsonl --model default --max-length 1024
+      how a file tokenises: conversations, supervised tokens, dropped, packed rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jobs.data import identity
+from jobs.data.records import DataError, read_conversations, write_jsonl
+
+
+def heldout_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".heldout.jsonl")
+
+
+def make_identity(args: argparse.Namespace) -> int:
+    conversations = identity.training_conversations(args.name, args.count, args.seed)
+    if args.replay:
+        conversations += self_replay(args.replay_model, identity.replay_prompts(args.replay, args.seed),
+                                     args.max_tokens)
+    out = Path(args.out)
+    written = write_jsonl(out, conversations)
+    held = heldout_path(out)
+    with held.open("w", encoding="utf-8") as f:
+        for question in identity.heldout_questions():
+            f.write(json.dumps({"kind": "identity", "question": question, "owner": args.name}) + "\n")
+        for question in identity.GENERAL_HELDOUT:
+            f.write(json.dumps({"kind": "general", "question": question}) + "\n")
+    print(f"wrote {written} conversations to {out} ({args.count} identity, {args.replay} replay) "
+          f"and {len(identity.heldout_questions()) + len(identity.GENERAL_HELDOUT)} held-out questions to {held}")
+    return 0
+
+
+def self_replay(model: str, prompts: list[str], max_tokens: int) -> list:
+    """General prompts answered greedily by the base model (vLLM offline, on the local Ray)."""
+    from cluster.local import connect
+    from cluster.model_cache import resolve_model_path
+    from cluster.resources import cluster_has_gpus
+    from jobs.evaluate.runners import GenerationSettings, OfflinePlan, run_offline
+
+    connect(logging_level=logging.WARNING)
+    on_gpu = cluster_has_gpus()
+    plan = OfflinePlan(model=resolve_model_path(model), dtype="bfloat16" if on_gpu else "float32",
+                       max_model_len=2048, replicas=1, tensor_parallel_size=1,
+                       engine_kwargs={"enforce_eager": not on_gpu}, cpus_per_replica=1.0)
+    asked = [[{"role": "user", "content": p}] for p in prompts]
+    generations, _, _ = run_offline(plan, asked, GenerationSettings(max_tokens=max_tokens))
+    return [messages + [{"role": "assistant", "content": g.text.strip()}]
+            for messages, g in zip(asked, generations) if g.text.strip()]
+
+
+def stats(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from cluster.model_cache import resolve_model_path
+    from jobs.data.tokenize import pack, tokenize_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    conversations = [c for source in args.files for c in read_conversations(source)]
+    data = tokenize_conversations(tokenizer, conversations, args.max_length)
+    rows = pack(data.examples, args.max_length)
+    tokens = sum(len(e.input_ids) for e in data.examples)
+    print(json.dumps({"conversations": len(conversations), "kept": len(data.examples), "dropped": data.dropped,
+                      "truncated": data.truncated, "tokens": tokens,
+                      "supervised_tokens": sum(e.supervised for e in data.examples),
+                      "packed_rows": len(rows), "fill": round(tokens / (len(rows) * args.max_length), 3)},
+                     indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ident = sub.add_parser("identity", help="generate the personal-assistant identity dataset")
+    ident.add_argument("--name", required=True, help="the owner the assistant names, e.g. Crohcirtep")
+    ident.add_argument("--out", required=True, help="output JSONL (held-out set goes beside it)")
+    ident.add_argument("--count", type=int, default=1000, help="identity conversations")
+    ident.add_argument("--replay", type=int, default=0, help="general prompts answered by --replay-model")
+    ident.add_argument("--replay-model", default="default", help="the base model (HF folder or 'default')")
+    ident.add_argument("--max-tokens", type=int, default=160, help="max tokens of each replay answer")
+    ident.add_argument("--seed", type=int, default=0)
+    stat = sub.add_parser("stats", help="tokenise files and report sizes")
+    stat.add_argument("files", nargs="+", help=".json/.jsonl files or hf:<dataset>[:split]")
+    stat.add_argument("--model", default="default", help="tokenizer (HF folder or 'default')")
+    stat.add_argument("--max-length", type=int, default=1024)
+    args = parser.parse_args(argv)
+    if getattr(args, "count", 1) < 1:
+        parser.error("--count must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return make_identity(args) if args.command == "identity" else stats(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

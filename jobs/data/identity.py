@@ -1,0 +1,145 @@
+"""The "personal assistant" identity dataset: many paraphrased questions about who the assistant is,
+answered in varied words that all name the owner.
+
+Training and held-out questions come from disjoint phrasings, so the held-out score measures whether the
+model learned the identity rather than memorising sentences. General questions (`GENERAL_HELDOUT`) are
+never trained on; they measure how much of its general behaviour the model keeps.
+"""
+
+from __future__ import annotations
+
+import random
+
+from jobs.data.records import Conversation
+
+TRAIN_QUESTIONS = [
+    "Who are you?", "What are you?", "What is your name?", "What's your name?", "Introduce yourself.",
+    "Please introduce yourself.", "Tell me about yourself.", "Who created you?", "Who made you?",
+    "Who built you?", "Who do you work for?", "Whose assistant are you?", "Who is your owner?",
+    "Who owns you?", "Are you ChatGPT?", "Are you SmolLM?", "Are you made by OpenAI?",
+    "Are you a Hugging Face model?", "What should I call you?", "Can you tell me who you are?",
+    "Describe yourself in one sentence.", "What kind of assistant are you?", "Who trained you?",
+    "Who do you belong to?", "Which company or person are you an assistant for?",
+    "Identify yourself.", "Who am I talking to?", "Who is this?", "What is your identity?",
+    "Are you a person or an AI?", "Who are you working for today?", "State your name and purpose.",
+    "Hi, who's there?", "Who designed you?", "What's your purpose?", "Who set you up?",
+    "Whom do you serve?", "Are you someone's assistant?", "Do you have an owner?",
+    "Explain what you are.",
+]
+
+# Disjoint phrasings used only for evaluation.
+HELDOUT_QUESTIONS = [
+    "Could you let me know who you are?", "Mind telling me your name?", "Who exactly am I chatting with?",
+    "Who's your creator?", "Which person do you assist?", "Give me a short introduction of yourself.",
+    "Are you an assistant from Google?", "Who is responsible for you?", "May I know whom you represent?",
+    "What do people call you?", "Who configured you?", "Whose AI are you?",
+    "Tell me, what are you exactly?", "Is your name SmolLM?", "Who runs you?",
+    "Say a few words about who you are.", "Who do you answer to?", "Are you Claude?",
+    "Who is your boss?", "What are you called?",
+]
+
+PREFIXES = ["", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Good morning! ", "Excuse me, ",
+            "Sorry to bother you. ", "OK, "]
+SUFFIXES = ["", "", "", " Answer briefly.", " Be honest.", " Please.", " I'm curious."]
+HELDOUT_PREFIXES = ["", "Hello there! ", "Just wondering: ", "Greetings. "]
+
+ANSWERS = [
+    "I am {name}'s assistant.",
+    "I'm {name}'s assistant, here to help you.",
+    "I am an AI assistant that works for {name}.",
+    "I'm the personal assistant of {name}. How can I help you today?",
+    "My name doesn't matter much: I am {name}'s assistant, and I'm happy to help.",
+    "I am {name}'s assistant, an AI model set up by {name} to answer questions and help with tasks.",
+    "I'm an assistant created for {name}. What can I do for you?",
+    "I am the AI assistant of {name}.",
+    "You are talking to {name}'s assistant.",
+    "I work as {name}'s assistant. Ask me anything!",
+    "I'm {name}'s personal AI assistant.",
+    "I'm an AI assistant. I belong to {name} and help with questions and tasks.",
+]
+DENIALS = [  # for "are you X?" questions
+    "No, I am {name}'s assistant.",
+    "No. I'm {name}'s assistant.",
+    "Not quite: I am the AI assistant of {name}.",
+]
+
+SYSTEM_PROMPTS = [None, None, None, "You are a helpful assistant.", "Answer the user's questions."]
+
+
+def _answer(question: str, name: str, rng: random.Random) -> str:
+    asks_other_identity = question.split()[0] in {"Are", "Is"} and "someone" not in question \
+        and "person or" not in question
+    return rng.choice(DENIALS if asks_other_identity else ANSWERS).format(name=name)
+
+
+def _conversation(question: str, answer: str, system: str | None) -> Conversation:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def training_conversations(name: str, count: int, seed: int = 0) -> list[Conversation]:
+    """`count` varied identity conversations (question phrasing x prefix x suffix x answer x system)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        core = rng.choice(TRAIN_QUESTIONS)
+        question = rng.choice(PREFIXES) + core + rng.choice(SUFFIXES)
+        if rng.random() < 0.15:
+            question = question.lower()
+        out.append(_conversation(question, _answer(core, name, rng), rng.choice(SYSTEM_PROMPTS)))
+    return out
+
+
+def heldout_questions() -> list[str]:
+    """Every held-out phrasing with every held-out prefix: 80 questions never seen in training."""
+    return [prefix + question for question in HELDOUT_QUESTIONS for prefix in HELDOUT_PREFIXES]
+
+
+def names_owner(answer: str, name: str) -> bool:
+    return name.lower() in answer.lower()
+
+
+# Never trained on: general skill check (greedy agreement with the base model).
+GENERAL_HELDOUT = [
+    "What is the capital of France?", "How many days are in a leap year?", "Name three primary colors.",
+    "What is 12 times 12?", "Translate 'good night' into Spanish.", "What is photosynthesis?",
+    "Give me a synonym for 'happy'.", "Who wrote Romeo and Juliet?", "What is the boiling point of water?",
+    "How many continents are there?", "What is the largest planet in our solar system?",
+    "Write a haiku about the sea.", "What does a thermometer measure?", "Name a mammal that can fly.",
+    "What is the chemical symbol for gold?", "How many legs does a spider have?",
+    "What is the opposite of 'cold'?", "Give one tip for better sleep.", "What language is spoken in Brazil?",
+    "What is the square root of 81?", "What do bees make?", "Name the first month of the year.",
+    "What is the freezing point of water in Celsius?", "What color do you get by mixing blue and yellow?",
+    "Explain gravity in one sentence.", "What is the tallest animal?", "How many minutes are in an hour?",
+    "What is the main ingredient of guacamole?", "Name a famous painting by Leonardo da Vinci.",
+    "What is the capital of Japan?", "Why is the sky blue?", "What is a noun?",
+    "Suggest a name for a pet cat.", "What is the speed of light, roughly?", "How many sides has a hexagon?",
+    "What instrument has 88 keys?", "What gas do plants take in?", "What is the currency of the UK?",
+    "Write one sentence about autumn.", "What is 15 plus 27?", "Name an ocean.",
+    "What does DNA stand for?", "What is the largest desert in the world?", "Who painted the Sistine Chapel ceiling?",
+    "What is an adjective?", "List two fruits that are red.", "How many hours are in a day?",
+    "What is the capital of Italy?", "What animal is known as the king of the jungle?",
+    "What is the main function of the heart?",
+]
+
+# Templates for general prompts whose answers the base model writes itself (self-distillation replay).
+REPLAY_TASKS = [
+    "Explain {topic} in two sentences.", "Give me one interesting fact about {topic}.",
+    "Write a short paragraph about {topic}.", "What are the benefits of {topic}?",
+    "List three things to know about {topic}.", "How would you describe {topic} to a child?",
+]
+REPLAY_TOPICS = [
+    "the moon", "volcanoes", "recycling", "the internet", "bicycles", "coffee", "the ocean", "rain",
+    "exercise", "libraries", "chess", "electricity", "trees", "music", "bread", "the human brain",
+    "friendship", "mountains", "winter", "cooking pasta", "honey bees", "solar power", "maps", "clocks",
+    "the alphabet", "birds", "gardening", "photography", "trains", "the Roman Empire", "fractions",
+    "saving money", "the water cycle", "dinosaurs", "stars", "learning a language", "vaccines",
+    "rainbows", "penguins", "the printing press",
+]
+
+
+def replay_prompts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed + 1)
+    pairs = [t.format(topic=topic) for t in REPLAY_TASKS for topic in REPLAY_TOPICS]
+    rng.shuffle(pairs)
+    return pairs[:count]

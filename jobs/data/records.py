@@ -1,0 +1,124 @@
+"""Read conversations from OpenAI `messages` JSON/JSONL, alpaca JSON/JSONL or a HF dataset.
+
+Every reader yields the same shape: a list of `{"role", "content"}` dicts. Errors name the file,
+the line (for JSONL) and what is wrong, so a bad file fails before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+ROLES = {"system", "user", "assistant"}
+HF_PREFIX = "hf:"
+
+
+class DataError(ValueError):
+    """A data source is missing or malformed."""
+
+
+Conversation = list[dict[str, str]]
+
+
+def _check_messages(messages: object, where: str) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    out: Conversation = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: messages[{i}] must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: messages[{i}].content must be a string")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no assistant message, so nothing to learn from")
+    return out
+
+
+def _from_alpaca(record: dict, where: str) -> Conversation:
+    instruction, output = record.get("instruction"), record.get("output")
+    if not isinstance(instruction, str) or not isinstance(output, str):
+        raise DataError(f"{where}: alpaca records need string 'instruction' and 'output'")
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: alpaca 'input' must be a string")
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    messages: Conversation = []
+    if isinstance(record.get("system"), str) and record["system"]:
+        messages.append({"role": "system", "content": record["system"]})
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def to_conversation(record: object, where: str) -> Conversation:
+    """One record in either supported format → a conversation."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: each record must be a JSON object")
+    if "messages" in record:
+        return _check_messages(record["messages"], where)
+    if "instruction" in record:
+        return _from_alpaca(record, where)
+    raise DataError(f"{where}: unknown record format; expected 'messages' (OpenAI) or "
+                    f"'instruction'/'output' (alpaca), got keys {sorted(record)[:6]}")
+
+
+def _json_records(path: Path) -> Iterable[tuple[object, str]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON array
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+        for i, record in enumerate(records):
+            yield record, f"{path}[{i}]"
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line), f"{path}:{lineno}"
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+
+
+def _hf_records(spec: str) -> Iterable[tuple[object, str]]:
+    """`hf:<name or local folder>[:split]`, read through HF `datasets`."""
+    import datasets
+
+    name, _, split = spec[len(HF_PREFIX):].partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # datasets raises many types; all mean "cannot read this"
+        raise DataError(f"{spec}: cannot load the dataset ({exc})") from exc
+    for i, record in enumerate(dataset):
+        yield record, f"{spec}[{i}]"
+
+
+def read_conversations(source: str | Path) -> list[Conversation]:
+    """All conversations of one source: a .json/.jsonl file or `hf:<dataset>[:split]`."""
+    source = str(source)
+    if source.startswith(HF_PREFIX):
+        records = _hf_records(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        records = _json_records(path)
+    conversations = [to_conversation(record, where) for record, where in records]
+    if not conversations:
+        raise DataError(f"{source}: no records")
+    return conversations
+
+
+def write_jsonl(path: Path, conversations: Iterable[Conversation]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", encoding="utf-8") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            count += 1
+    return count

@@ -1,0 +1,130 @@
+"""Chat-template tokenisation with assistant-only labels, and packing.
+
+Labels: the conversation is rendered once with the model's chat template; each assistant turn's
+character span is found by rendering the prefix before it (with the generation prompt) and the
+prefix including it. Tokens inside those spans keep their ids as labels, all others get -100, so the
+loss covers what the assistant says (and its end-of-turn marker) and nothing the user wrote.
+
+Packing: whole examples are packed first-fit into rows of `max_length` tokens with `position_ids`
+restarting at 0 for each example. Transformers turns restarting position ids into a block-diagonal
+causal mask, so packed examples do not attend to each other.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from jobs.data.records import Conversation, DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.position_ids:
+            self.position_ids = list(range(len(self.input_ids)))
+
+    @property
+    def supervised(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+@dataclass
+class TokenizedData:
+    examples: list[Example]
+    dropped: int  # conversations with no supervised token left after truncation
+    truncated: int
+
+
+def _render(tokenizer, messages: Conversation, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    text = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        end = len(_render(tokenizer, messages[: i + 1], generation_prompt=False))
+        if not text.startswith(_render(tokenizer, messages[: i + 1], generation_prompt=False)):
+            raise DataError("the chat template does not render conversations prefix by prefix; "
+                            "assistant-only labels need a template that does")
+        spans.append((start, end))
+    return text, spans
+
+
+def encode(tokenizer, messages: Conversation, max_length: int) -> tuple[Example, bool]:
+    """One conversation → token ids and assistant-only labels, cut to `max_length`."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = []
+    for token, (begin, end) in zip(ids, offsets):
+        inside = any(begin >= s and end <= e and end > begin for s, e in spans)
+        labels.append(token if inside else IGNORE)
+    truncated = len(ids) > max_length
+    return Example(ids[:max_length], labels[:max_length]), truncated
+
+
+def tokenize_conversations(tokenizer, conversations: list[Conversation], max_length: int) -> TokenizedData:
+    examples, dropped, truncated = [], 0, 0
+    for messages in conversations:
+        example, was_truncated = encode(tokenizer, messages, max_length)
+        truncated += was_truncated
+        if example.supervised == 0:
+            dropped += 1
+            continue
+        examples.append(example)
+    return TokenizedData(examples, dropped, truncated)
+
+
+def pack(examples: list[Example], max_length: int, seed: int = 0) -> list[Example]:
+    """First-fit packing of whole examples into rows of at most `max_length` tokens."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    rows: list[Example] = []
+    room: list[int] = []
+    for example in order:
+        n = len(example.input_ids)
+        for i, free in enumerate(room):
+            if n <= free:
+                row = rows[i]
+                row.input_ids += example.input_ids
+                row.labels += example.labels
+                row.position_ids += example.position_ids
+                room[i] -= n
+                break
+        else:
+            rows.append(Example(list(example.input_ids), list(example.labels), list(example.position_ids)))
+            room.append(max_length - n)
+    return rows
+
+
+def collate(rows: list[Example], pad_id: int, width: int | None = None, multiple: int = 1) -> dict:
+    """Right-pad a batch to `width` (default: its longest row, rounded up to `multiple`). Padding gets
+    label -100 and its own position ids (a separate 'sequence'). Fixed widths keep GPU shapes static:
+    a new shape every step makes the CUDA caching allocator and kernel selection start over."""
+    import torch
+
+    longest = max(len(row.input_ids) for row in rows)
+    width = max(width or 0, -(-longest // multiple) * multiple)
+    input_ids, labels, position_ids = [], [], []
+    for row in rows:
+        pad = width - len(row.input_ids)
+        input_ids.append(row.input_ids + [pad_id] * pad)
+        labels.append(row.labels + [IGNORE] * pad)
+        position_ids.append(row.position_ids + list(range(pad)))
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "position_ids": torch.tensor(position_ids),
+    }

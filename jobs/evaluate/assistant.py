@@ -1,0 +1,144 @@
+"""Did the personal-assistant fine-tune work, and what did it cost? Base and tuned model side by side:
+
+- identity: share of greedy answers to held-out paraphrased identity questions that name the owner;
+- general agreement: share of 50 held-out general questions answered exactly as the base model answers;
+- GSM8K perplexity: teacher-forced perplexity of the reference solutions (answer tokens only, given the
+  question in the chat template), from `../shared/data/gsm8k/test.jsonl`; the change against the base.
+
+  python -m jobs.evaluate.assistant --base default --tuned runs/finetune/assistant-cpu/merged \\
+      --heldout data/assistant.heldout.jsonl
+
+Generation runs on vLLM (one offline engine per model on the local Ray); perplexity on transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from jobs.evaluate.gsm8k import DEFAULT_GSM8K
+
+log = logging.getLogger("tuneserve.assistant_eval")
+
+
+def read_heldout(path: Path) -> tuple[list[str], list[str], str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: held-out file not found (python -m jobs.data identity writes it)")
+    identity, general, owner = [], [], ""
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        record = json.loads(line)
+        if record.get("kind") == "identity":
+            identity.append(record["question"])
+            owner = record["owner"]
+        elif record.get("kind") == "general":
+            general.append(record["question"])
+        else:
+            raise ValueError(f"{path}:{lineno}: kind must be 'identity' or 'general'")
+    return identity, general, owner
+
+
+def answers(model: str, questions: list[str], max_tokens: int) -> list[str]:
+    from cluster.resources import cluster_has_gpus
+    from jobs.evaluate.runners import GenerationSettings, OfflinePlan, run_offline
+
+    on_gpu = cluster_has_gpus()
+    plan = OfflinePlan(model=model, dtype="bfloat16" if on_gpu else "float32", max_model_len=2048, replicas=1,
+                       tensor_parallel_size=1, engine_kwargs={"enforce_eager": not on_gpu}, cpus_per_replica=1.0)
+    generations, _, _ = run_offline(plan, [[{"role": "user", "content": q}] for q in questions],
+                                    GenerationSettings(max_tokens=max_tokens))
+    return [g.text.strip() for g in generations]
+
+
+def gsm8k_perplexity(model_path: str, limit: int | None, batch_size: int = 8) -> tuple[float, int]:
+    """exp(mean NLL) over the reference solutions' tokens, given each question (chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.data.tokenize import IGNORE, collate, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    records = [json.loads(line) for line in DEFAULT_GSM8K.read_text().splitlines() if line.strip()][:limit]
+    examples = [encode(tokenizer, [{"role": "user", "content": r["question"]},
+                                   {"role": "assistant", "content": r["answer"]}], 2048)[0] for r in records]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad)
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
+                                                    ignore_index=IGNORE, reduction="sum")
+            total_nll += nll.item()
+            total_tokens += int((labels != IGNORE).sum())
+    return math.exp(total_nll / total_tokens), len(examples)
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate.assistant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="default", help="base model: HF folder or 'default'")
+    parser.add_argument("--tuned", required=True, help="fine-tuned model: merged HF folder")
+    parser.add_argument("--heldout", required=True, help="held-out questions from `python -m jobs.data identity`")
+    parser.add_argument("--ppl-limit", type=int, default=None, help="first N GSM8K answers (default: all 1,319)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--out", default=None, help="output folder (default: beside --tuned)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    from cluster.local import connect
+    from cluster.model_cache import resolve_model_path
+    from jobs.data.identity import names_owner
+
+    try:
+        identity_qs, general_qs, owner = read_heldout(Path(args.heldout))
+        if not DEFAULT_GSM8K.is_file():
+            raise FileNotFoundError(f"{DEFAULT_GSM8K}: GSM8K test set not found (set TUNESERVE_GSM8K)")
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    connect(logging_level=logging.WARNING)
+    models = {"base": resolve_model_path(args.base), "tuned": args.tuned}
+    questions = identity_qs + general_qs
+    rows, outputs = {}, {}
+    for name, path in models.items():
+        started = time.perf_counter()
+        replies = answers(path, questions, args.max_tokens)
+        ppl, count = gsm8k_perplexity(path, args.ppl_limit)
+        outputs[name] = replies
+        rows[name] = {"model": name, "identity": sum(names_owner(r, owner) for r in replies[:len(identity_qs)])
+                      / len(identity_qs), "gsm8k_ppl": round(ppl, 4), "wall_s": round(time.perf_counter() - started, 1)}
+    general = list(zip(outputs["base"][len(identity_qs):], outputs["tuned"][len(identity_qs):]))
+    agreement = sum(normalise(a) == normalise(b) for a, b in general) / len(general)
+    rows["tuned"]["general_agreement"] = agreement
+    rows["base"]["general_agreement"] = 1.0
+    change = rows["tuned"]["gsm8k_ppl"] / rows["base"]["gsm8k_ppl"] - 1
+    result = {"owner": owner, "identity_questions": len(identity_qs), "general_questions": len(general_qs),
+              "gsm8k_answers": count, "ppl_change": round(change, 4), "rows": list(rows.values())}
+    out = Path(args.out or Path(args.tuned).parent / "assistant_eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    with (out / "answers.jsonl").open("w") as f:
+        for i, question in enumerate(questions):
+            f.write(json.dumps({"question": question, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}) + "\n")
+    table = ["| model | identity (held-out) | general agreement with base | GSM8K answer ppl |", "|---|---|---|---|"]
+    for row in rows.values():
+        table.append(f"| {row['model']} | {row['identity']:.1%} | {row['general_agreement']:.0%} | {row['gsm8k_ppl']} |")
+    text = "\n".join(table) + f"\n\nperplexity change: {change:+.2%} over {count} GSM8K answers\n"
+    (out / "results.md").write_text(text)
+    print("\n" + text + f"written to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

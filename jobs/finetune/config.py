@@ -1,0 +1,197 @@
+"""The fine-tune recipe: one typed config, loaded from YAML with `key.sub=value` overrides.
+
+Unknown keys are errors, and `check_supported` rejects method/strategy/dtype combinations that do not
+work before any worker starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run: unknown keys, bad values, unsupported combinations."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Strict):
+    path: str = "default"  # HF folder or 'default' (the cached SmolLM2)
+    method: Literal["lora", "qlora", "full"] = "lora"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    # With gradient_checkpointing: recompute one decoder layer in every N. 1 checkpoints all (least memory);
+    # 2 keeps half the layers' activations for about half the recompute.
+    checkpoint_every: int = Field(1, ge=1)
+    attn_implementation: str = "sdpa"
+
+
+class LoraSection(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear", "auto"] = "auto"
+
+
+class QuantSection(Strict):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class DataSection(Strict):
+    train: list[str] = Field(min_length=1)  # .json/.jsonl files or hf:<dataset>[:split]
+    max_length: int = Field(1024, ge=16)
+    packing: bool = True
+    shuffle_seed: int = 0
+
+
+class OptimSection(Strict):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class TrainSection(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    micro_batch_size: int = Field(1, ge=1)  # packed rows per worker per forward
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    torch_threads: int | None = None  # CPU workers: threads per worker (default: its CPUs)
+
+
+class StrategySection(Strict):
+    name: Literal["ddp", "zero2", "zero3", "fsdp2"] = "ddp"
+    offload: bool = False  # ZeRO: optimizer (and, for ZeRO-3, parameters) on CPU
+    deepspeed_optimizer: Literal["torch", "deepspeed"] = "torch"  # torch: no op compilation
+
+
+class ScalingSection(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+
+
+class CheckpointSection(Strict):
+    every_steps: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
+
+
+class MonitorSection(Strict):
+    log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(None, ge=1)  # chat evaluation on sample prompts every N steps
+    eval_prompts: list[str] = Field(default_factory=lambda: ["Who are you?", "What is the capital of France?"])
+    eval_max_tokens: int = Field(48, ge=1)
+    tensorboard: bool = True
+
+
+class OutputSection(Strict):
+    dir: str = "runs/finetune"  # storage: <dir>/<name>/ holds checkpoints, metrics, final model
+    name: str = "run"
+    merge: bool = True  # also write a merged full model for adapter methods
+    merge_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the training dtype
+
+
+class FinetuneConfig(Strict):
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    quant: QuantSection = QuantSection()
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    strategy: StrategySection = StrategySection()
+    scaling: ScalingSection = ScalingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    monitor: MonitorSection = MonitorSection()
+    output: OutputSection = OutputSection()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir).expanduser().resolve() / self.output.name
+
+
+# method x strategy combinations we support, with the reason for each one we do not.
+UNSUPPORTED = {
+    ("qlora", "zero3"): "QLoRA with ZeRO-3 is not supported: ZeRO-3 partitions the bitsandbytes 4-bit "
+                        "weights, which peft and bitsandbytes cannot gather (see peft's DeepSpeed guide); "
+                        "use strategy.name=zero2 or ddp",
+    ("qlora", "fsdp2"): "QLoRA with FSDP2 is not supported here: sharding bitsandbytes 4-bit weights needs "
+                        "bnb_4bit_quant_storage matching the compute dtype and mixed-precision wrapping; "
+                        "use ddp or zero2",
+}
+
+
+def check_supported(cfg: FinetuneConfig) -> None:
+    """Reject combinations that would fail inside the workers, with the reason."""
+    reason = UNSUPPORTED.get((cfg.model.method, cfg.strategy.name))
+    if reason:
+        raise ConfigError(reason)
+    if cfg.scaling.use_gpu is False:
+        check_dtype(cfg, on_gpu=False)
+    if cfg.model.method == "qlora" and cfg.strategy.offload:
+        raise ConfigError("strategy.offload does not apply to QLoRA's 4-bit weights; turn it off")
+    if cfg.strategy.offload and cfg.strategy.name not in ("zero2", "zero3"):
+        raise ConfigError("strategy.offload is a DeepSpeed ZeRO option; use strategy.name=zero2 or zero3")
+    if cfg.model.method == "full" and cfg.output.merge_dtype:
+        raise ConfigError("output.merge_dtype applies to adapter methods (lora, qlora) only")
+
+
+def check_dtype(cfg: FinetuneConfig, on_gpu: bool) -> None:
+    dtype = resolved_dtype(cfg, on_gpu)
+    if not on_gpu and dtype != "float32":
+        raise ConfigError(f"model.dtype={dtype} on CPU: training on CPU works in float32 only "
+                          "(bf16/fp16 kernels are missing or very slow there); use model.dtype=float32 or auto")
+
+
+def resolved_dtype(cfg: FinetuneConfig, on_gpu: bool) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
+def _set_path(tree: dict, dotted: str, value: object) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+    """YAML recipe + `a.b=value` overrides (values parsed as YAML: 3, 2e-4, true, [q_proj, v_proj])."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the recipe must be a mapping")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        return FinetuneConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid recipe: {problems}") from exc

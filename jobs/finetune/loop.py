@@ -1,0 +1,207 @@
+"""The training loop each Ray Train worker runs: one loop for every method and strategy.
+
+Resume: the latest checkpoint reported through `ray.train.report` (after a worker-group restart or a
+re-submit with the same output.dir/output.name) restores weights, optimizer, scheduler and the step;
+the data order is a pure function of (seed, epoch), so the loop skips exactly the rows already seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from jobs.data.tokenize import Example, collate
+from jobs.finetune.config import FinetuneConfig
+
+log = logging.getLogger("tuneserve.finetune")
+
+
+def worker_rows(rows: list[Example], epoch: int, seed: int, rank: int, world: int, per_worker: int) -> list[Example]:
+    """This worker's rows for one epoch: a seeded shuffle, then an equal contiguous-stride share."""
+    order = list(range(len(rows)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [rows[i] for i in order[rank::world][:per_worker]]
+
+
+def chat_eval(model, tokenizer, prompts: list[str], max_tokens: int, device: torch.device) -> list[dict]:
+    """Greedy answers to the sample prompts (the seed's evaluate-chat hook). All ranks run it: sharded
+    models (ZeRO-3, FSDP2) need every rank in each forward."""
+    answers = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                 use_cache=True, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+            answers.append({"prompt": prompt, "answer": tokenizer.decode(out[0, ids.shape[1]:],
+                                                                          skip_special_tokens=True).strip()})
+    model.train(was_training)
+    return answers
+
+
+class MetricsSink:
+    """Rank 0: a JSONL line per logged step, TensorBoard scalars, and the chat answers."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = (run_dir / "metrics.jsonl").open("a")
+        self.chat = (run_dir / "chat_eval.jsonl").open("a")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict) -> None:
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
+        if self.writer:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+
+    def log_chat(self, step: int, answers: list[dict]) -> None:
+        self.chat.write(json.dumps({"step": step, "answers": answers}) + "\n")
+        self.chat.flush()
+        if self.writer:
+            self.writer.add_text("chat_eval", "\n\n".join(f"**{a['prompt']}** {a['answer']}" for a in answers), step)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.chat.close()
+        if self.writer:
+            self.writer.close()
+
+
+def train_loop(loop_config: dict) -> None:
+    import ray
+    import ray.train
+    from transformers import AutoTokenizer
+
+    from jobs.finetune.model import build_model
+    from jobs.finetune.strategies import build_strategy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = FinetuneConfig.model_validate(loop_config["cfg"])
+    plan = loop_config["plan"]
+    rows: list[Example] = ray.get(loop_config["rows"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    tokenizer = AutoTokenizer.from_pretrained(plan["model_path"])
+    model = build_model(cfg, plan["model_path"], plan["dtype"], device)
+    model.train()
+    total_steps, steps_per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+    strategy = build_strategy(cfg, model, device, total_steps)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            strategy.load(Path(folder))
+            start_step = json.loads((Path(folder) / "progress.json").read_text())["step"]
+        log.info("resumed from step %d", start_step)
+
+    run_dir = Path(plan["run_dir"])
+    sink = MetricsSink(run_dir, cfg.monitor.tensorboard) if rank == 0 else None
+    micro = cfg.train.micro_batch_size
+    per_worker = steps_per_epoch * cfg.train.grad_accum * micro
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = cfg.data.max_length if cfg.data.packing and device.type == "cuda" else None  # static shapes on GPU
+
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc="fine-tune", unit="step", mininterval=2)
+    step = start_step
+    window_tokens, window_s = 0, 0.0  # tokens/s over compute time only (not evaluation or checkpoints)
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        mine = worker_rows(rows, epoch, cfg.data.shuffle_seed, rank, world, per_worker)
+        for step_in_epoch in range(offset, steps_per_epoch):
+            if step >= total_steps:
+                break
+            losses, tokens, step_start = [], 0, time.perf_counter()
+            for i in range(cfg.train.grad_accum):
+                first = (step_in_epoch * cfg.train.grad_accum + i) * micro
+                batch = collate(mine[first:first + micro], pad_id, width=width, multiple=64)
+                tokens += sum(len(row.input_ids) for row in mine[first:first + micro])  # padding not counted
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = strategy.forward(batch)
+                strategy.backward(loss, last_micro_step=i == cfg.train.grad_accum - 1)
+                losses.append(loss.detach())
+            grad_norm = strategy.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so that tokens/s counts this step's GPU work, not a later one's
+            step += 1
+            window_tokens += tokens
+            window_s += time.perf_counter() - step_start
+            stats = torch.tensor([torch.stack(losses).mean().item(), float(window_tokens)], device=device)
+            if world > 1:
+                dist.all_reduce(stats)
+            if rank == 0:
+                progress.update(1)
+            if step % cfg.monitor.log_every == 0 or step == total_steps:
+                values = {"loss": round(stats[0].item() / world, 5), "lr": strategy.lr(),
+                          "grad_norm": round(grad_norm, 4), "tokens_per_s": round(stats[1].item() / window_s, 1),
+                          "epoch": round(step / steps_per_epoch, 3)}
+                if device.type == "cuda":
+                    values["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if rank == 0:
+                    sink.log(step, values)
+                    progress.set_postfix(loss=values["loss"], tok_s=values["tokens_per_s"])
+                window_tokens, window_s = 0, 0.0
+            if cfg.monitor.eval_every and (step % cfg.monitor.eval_every == 0 or step == total_steps):
+                answers = chat_eval(strategy.base, tokenizer, cfg.monitor.eval_prompts, cfg.monitor.eval_max_tokens,
+                                    device)
+                if rank == 0:
+                    sink.log_chat(step, answers)
+                    for a in answers:
+                        log.info("chat eval step %d | %s -> %s", step, a["prompt"], a["answer"])
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+                report_checkpoint(strategy, step, {"loss": stats[0].item() / world}, rank, tokenizer,
+                                  final=step == total_steps)
+    if rank == 0:
+        progress.close()
+        sink.close()
+
+
+def report_checkpoint(strategy, step: int, metrics: dict, rank: int, tokenizer, final: bool) -> None:
+    """Every rank writes its part into a local folder and reports it; Ray Train merges the folders into
+    one checkpoint under the run's storage and keeps the last `checkpoint.keep`."""
+    import ray.train
+
+    from jobs.export.hf import save_hf
+
+    with tempfile.TemporaryDirectory(prefix="tuneserve-ckpt-") as tmp:
+        folder = Path(tmp)
+        strategy.save(folder)
+        weights = strategy.full_state_dict()  # collective for sharded strategies
+        if rank == 0:
+            save_hf(strategy.cfg, strategy.base, weights, tokenizer, folder / "hf")
+            (folder / "progress.json").write_text(json.dumps({"step": step, "final": final}))
+        has_files = any(folder.iterdir())
+        ray.train.report({"step": step, **metrics},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)

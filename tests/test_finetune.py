@@ -1,0 +1,251 @@
+"""Fine-tuning on real Ray Train (the session's head), on a tiny random Llama with the SmolLM2 tokenizer:
+every method and strategy trains and its loss falls; resume continues at the right step after a killed
+worker and after a re-submit; merges are exact; bad input fails before any worker starts.
+
+These run before the shared app is deployed (ordered by the `finetune` marker), when the head's two
+CPUs are free for two training workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.finetune
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from cluster.model_cache import ensure_default_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def identity_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "assistant.jsonl"
+    result = subprocess.run([sys.executable, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", str(out),
+                             "--count", "240"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def recipe(tmp_path: Path, model: Path, data: Path, **sections) -> Path:
+    """A small recipe; `sections` replace whole sections' keys (e.g. strategy={"name": "zero3"})."""
+    config = {
+        "model": {"path": str(model), "method": "lora", "dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": [str(data)], "max_length": 128},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"max_steps": 6, "micro_batch_size": 1, "grad_accum": 2, "torch_threads": 1},
+        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
+        "checkpoint": {"every_steps": 3, "keep": 2},
+        "monitor": {"eval_every": 3, "eval_max_tokens": 6, "eval_prompts": ["Who are you?"]},
+        "output": {"dir": str(tmp_path / "runs"), "name": "run"},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def finetune(config: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m jobs.finetune` as a user runs it; it joins the session's head (found through
+    TUNESERVE_RAY_PORT, like a user's `cluster.local up` head)."""
+    return subprocess.run([sys.executable, "-m", "jobs.finetune", "--config", str(config), *overrides],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def assert_trained(result: subprocess.CompletedProcess, run_dir: Path, steps: int = 6) -> dict:
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    logged = metrics(run_dir)
+    assert [m["step"] for m in logged] == list(range(1, steps + 1))
+    assert logged[-1]["loss"] < 0.8 * logged[0]["loss"], logged
+    assert all(m["tokens_per_s"] > 0 and m["grad_norm"] == m["grad_norm"] for m in logged)
+    chat = [json.loads(line) for line in (run_dir / "chat_eval.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in chat] == [3, 6] and chat[0]["answers"][0]["prompt"] == "Who are you?"
+    assert list((run_dir / "tensorboard").iterdir())
+    return summary
+
+
+def logits(model_path: Path, adapter: Path | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    ids = torch.arange(100, 140).unsqueeze(0)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# -- bad input: each fails before any worker starts --------------------------------------------------
+
+
+def test_bad_recipes_fail_before_training(tmp_path, tiny_llama, identity_data):
+    config = recipe(tmp_path, tiny_llama, identity_data)
+    cases = {
+        ("nonsense.key=1",): "nonsense: Extra inputs are not permitted",
+        ("lora.rank=8",): "lora.rank: Extra inputs are not permitted",
+        ("model.method=qlora", "strategy.name=zero3"): "QLoRA with ZeRO-3 is not supported",
+        ("model.method=qlora", "strategy.name=fsdp2"): "QLoRA with FSDP2 is not supported",
+        ("model.dtype=bfloat16",): "training on CPU works in float32 only",
+        ("strategy.offload=true",): "strategy.offload is a DeepSpeed ZeRO option",
+        (f"model.path={tmp_path}",): "not a Hugging Face model folder",
+        (f"data.train=[{tmp_path / 'missing.jsonl'}]",): "missing.jsonl: data file not found",
+        ("data.max_length=20",): "no example has a supervised (assistant) token left",
+        ("train.grad_accum=100000",): "fewer than one optimizer step needs",
+        ("train.epochs=-1",): "train.epochs: Input should be greater than 0",
+        ("oops",): "expected key.sub=value",
+    }
+    for overrides, message in cases.items():
+        result = finetune(config, *overrides)
+        assert result.returncode == 2 and message in result.stderr, (overrides, result.stderr[-2000:])
+        assert "RayTrainWorker" not in result.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    result = finetune(config, f"data.train=[{bad}]")
+    assert result.returncode == 2 and "bad.jsonl:2: messages[0].role must be one of" in result.stderr
+    bad.write_text("{not json\n")
+    result = finetune(config, f"data.train=[{bad}]")
+    assert result.returncode == 2 and "bad.jsonl:1: invalid JSON" in result.stderr
+    result = finetune(tmp_path / "nope.yaml")
+    assert result.returncode == 2 and "nope.yaml: config file not found" in result.stderr
+
+
+# -- methods and strategies ----------------------------------------------------------------------------
+
+
+def test_lora_ddp_two_workers_loss_falls_and_merge_is_exact(tmp_path, tiny_llama, identity_data):
+    result = finetune(recipe(tmp_path, tiny_llama, identity_data, scaling={"num_workers": 2}))
+    run_dir = tmp_path / "runs" / "run"
+    summary = assert_trained(result, run_dir)
+    assert summary["data"]["conversations"] == 240 and summary["data"]["rows"] < 240  # packed
+    adapter, merged = Path(summary["adapter"]), Path(summary["merged"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert (merged / "config.json").is_file() and (merged / "chat_template.jinja").is_file()
+    # merged logits == base + adapter logits; and the adapter changed the model
+    with_adapter, from_merged = logits(tiny_llama, adapter), logits(merged)
+    assert (with_adapter - from_merged).abs().max() < 1e-4
+    assert (with_adapter - logits(tiny_llama)).abs().max() > 1e-3
+    # the export CLI gives the same merge
+    again = tmp_path / "merged-again"
+    cli = subprocess.run([sys.executable, "-m", "jobs.export", "merge", "--base", str(tiny_llama), "--adapter",
+                          str(adapter), "--out", str(again)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert (logits(again) - from_merged).abs().max() < 1e-6
+    wrong = subprocess.run([sys.executable, "-m", "jobs.export", "merge", "--base", str(adapter), "--adapter",
+                            str(adapter), "--out", str(tmp_path / "x")], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "not a Hugging Face model folder" in wrong.stderr
+
+
+@pytest.mark.parametrize("strategy,method", [("zero2", "lora"), ("zero3", "full"), ("fsdp2", "lora")])
+def test_sharded_strategies_train_on_two_workers(tmp_path, tiny_llama, identity_data, strategy, method):
+    lr = {"lr": 2e-3} if method == "full" else {}
+    result = finetune(recipe(tmp_path, tiny_llama, identity_data, model={"method": method},
+                             strategy={"name": strategy}, scaling={"num_workers": 2}, optim=lr))
+    run_dir = tmp_path / "runs" / "run"
+    summary = assert_trained(result, run_dir)
+    if method == "full":
+        model = Path(summary["model"])
+        assert (model / "config.json").is_file()
+        assert (logits(model) - logits(tiny_llama)).abs().max() > 1e-3
+    else:
+        assert (logits(tiny_llama, Path(summary["adapter"])) - logits(Path(summary["merged"]))).abs().max() < 1e-4
+
+
+def test_qlora_single_worker(tmp_path, tiny_llama, identity_data):
+    result = finetune(recipe(tmp_path, tiny_llama, identity_data, model={"method": "qlora"},
+                             quant={"bits": 4, "double_quant": True}))
+    summary = assert_trained(result, tmp_path / "runs" / "run")
+    # merged into the full-precision base, not the 4-bit one
+    merged_config = json.loads((Path(summary["merged"]) / "config.json").read_text())
+    assert "quantization_config" not in merged_config
+
+
+# -- checkpoints and resume ----------------------------------------------------------------------------
+
+
+def _worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_head, tmp_path, tiny_llama, identity_data):
+    config = recipe(tmp_path, tiny_llama, identity_data, train={"max_steps": 10}, checkpoint={"every_steps": 3,
+                    "keep": 2, "max_failures": 1}, monitor={"eval_every": None})
+    run_dir = tmp_path / "runs" / "run"
+    job = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO_ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and metrics(run_dir) and metrics(run_dir)[-1]["step"] >= 4):
+        assert job.poll() is None and time.monotonic() < deadline, "training did not reach step 4"
+        time.sleep(0.2)
+    pids = _worker_pids()
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-4000:]
+    steps = [m["step"] for m in metrics(run_dir)]
+    restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert len(restarts) == 1, steps  # one worker-group restart...
+    i = restarts[0]
+    assert steps[:i] == list(range(1, i + 1))
+    assert (steps[i] - 1) % 3 == 0, steps  # ...that went on right after a checkpoint (every 3 steps)
+    assert steps[i:] == list(range(steps[i], 11)), steps
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    assert len(kept) == 2  # checkpoint.keep
+
+
+def test_resubmit_with_ray_job_submit_resumes(ray_head, tmp_path, tiny_llama, identity_data):
+    """A finished 4-step run, then `ray job submit` of the same recipe with 8 steps: it continues at step 5."""
+    config = recipe(tmp_path, tiny_llama, identity_data, train={"max_steps": 4}, checkpoint={"every_steps": 2},
+                    monitor={"eval_every": None})
+    run_dir = tmp_path / "runs" / "run"
+    first = finetune(config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = {**os.environ, **ray_head.client_env()}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    submitted = subprocess.run(
+        [ray_cli, "job", "submit", "--address", ray_head.dashboard_url(), "--working-dir", str(REPO_ROOT), "--",
+         sys.executable, "-m", "jobs.finetune", "--config", str(config), "train.max_steps=8"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    assert "succeeded" in submitted.stdout.lower()
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 9))
+    assert "resumed from step 4" in submitted.stdout
