@@ -29,7 +29,7 @@ def make_identity(args: argparse.Namespace) -> int:
     conversations = identity.training_conversations(args.name, args.count, args.seed)
     if args.replay:
         conversations += self_replay(args.replay_model, identity.replay_prompts(args.replay, args.seed),
-                                     args.max_tokens)
+                                     args.max_tokens, args.replay_temperature, args.seed)
     out = Path(args.out)
     written = write_jsonl(out, conversations)
     held = heldout_path(out)
@@ -43,8 +43,10 @@ def make_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-def self_replay(model: str, prompts: list[str], max_tokens: int) -> list:
-    """General prompts answered greedily by the base model (vLLM offline, on the local Ray)."""
+def self_replay(model: str, prompts: list[str], max_tokens: int, temperature: float, seed: int) -> list:
+    """General prompts answered by the base model itself (vLLM offline, on the local Ray). Sampled at
+    temperature 1 the answers follow the model's own distribution, so training on them pulls the tuned
+    model back towards the base rather than sharpening it (greedy answers would)."""
     from cluster.local import connect
     from cluster.model_cache import resolve_model_path
     from cluster.resources import cluster_has_gpus
@@ -56,7 +58,9 @@ def self_replay(model: str, prompts: list[str], max_tokens: int) -> list:
                        max_model_len=2048, replicas=1, tensor_parallel_size=1,
                        engine_kwargs={"enforce_eager": not on_gpu}, cpus_per_replica=1.0)
     asked = [[{"role": "user", "content": p}] for p in prompts]
-    generations, _, _ = run_offline(plan, asked, GenerationSettings(max_tokens=max_tokens))
+    # Unseeded: vLLM's CPU backend fails on per-request seeds when sampling (temperature > 0).
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, seed=None if temperature else seed)
+    generations, _, _ = run_offline(plan, asked, settings)
     return [messages + [{"role": "assistant", "content": g.text.strip()}]
             for messages, g in zip(asked, generations) if g.text.strip()]
 
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ident.add_argument("--replay", type=int, default=0, help="general prompts answered by --replay-model")
     ident.add_argument("--replay-model", default="default", help="the base model (HF folder or 'default')")
     ident.add_argument("--max-tokens", type=int, default=160, help="max tokens of each replay answer")
+    ident.add_argument("--replay-temperature", type=float, default=1.0, help="sampling temperature of replay")
     ident.add_argument("--seed", type=int, default=0)
     stat = sub.add_parser("stats", help="tokenise files and report sizes")
     stat.add_argument("files", nargs="+", help=".json/.jsonl files or hf:<dataset>[:split]")

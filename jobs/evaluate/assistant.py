@@ -1,7 +1,8 @@
 """Did the personal-assistant fine-tune work, and what did it cost? Base and tuned model side by side:
 
 - identity: share of greedy answers to held-out paraphrased identity questions that name the owner;
-- general agreement: share of 50 held-out general questions answered exactly as the base model answers;
+- general agreement: of 50 held-out general questions, the share answered exactly as the base model
+  answers (and with the same first five words), and how many answers name the owner (over-fitting);
 - GSM8K perplexity: teacher-forced perplexity of the reference solutions (answer tokens only, given the
   question in the chat template), from `../shared/data/gsm8k/test.jsonl`; the change against the base.
 
@@ -66,10 +67,14 @@ def gsm8k_perplexity(model_path: str, limit: int | None, batch_size: int = 8) ->
     records = [json.loads(line) for line in DEFAULT_GSM8K.read_text().splitlines() if line.strip()][:limit]
     examples = [encode(tokenizer, [{"role": "user", "content": r["question"]},
                                    {"role": "assistant", "content": r["answer"]}], 2048)[0] for r in records]
+    examples.sort(key=lambda e: len(e.input_ids))  # similar lengths per batch: little padding
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from tqdm import tqdm
+
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
+        for start in tqdm(range(0, len(examples), batch_size), desc=f"perplexity {Path(model_path).name}",
+                          unit="batch"):
             batch = collate(examples[start:start + batch_size], pad)
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
             labels = batch["labels"][:, 1:]
@@ -82,6 +87,10 @@ def gsm8k_perplexity(model_path: str, limit: int | None, batch_size: int = 8) ->
 
 def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
+
+
+def first_words(text: str, count: int = 5) -> str:
+    return " ".join(normalise(text).split()[:count])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"model": name, "identity": sum(names_owner(r, owner) for r in replies[:len(identity_qs)])
                       / len(identity_qs), "gsm8k_ppl": round(ppl, 4), "wall_s": round(time.perf_counter() - started, 1)}
     general = list(zip(outputs["base"][len(identity_qs):], outputs["tuned"][len(identity_qs):]))
-    agreement = sum(normalise(a) == normalise(b) for a, b in general) / len(general)
-    rows["tuned"]["general_agreement"] = agreement
-    rows["base"]["general_agreement"] = 1.0
+    rows["base"].update(general_agreement=1.0, general_same_start=1.0)
+    rows["tuned"].update(
+        general_agreement=sum(normalise(a) == normalise(b) for a, b in general) / len(general),
+        general_same_start=sum(first_words(a) == first_words(b) for a, b in general) / len(general))
+    for name, row in rows.items():  # over-fitting shows as the owner's name in answers to unrelated questions
+        row["general_names_owner"] = sum(names_owner(r, owner) for r in outputs[name][len(identity_qs):])
     change = rows["tuned"]["gsm8k_ppl"] / rows["base"]["gsm8k_ppl"] - 1
     result = {"owner": owner, "identity_questions": len(identity_qs), "general_questions": len(general_qs),
               "gsm8k_answers": count, "ppl_change": round(change, 4), "rows": list(rows.values())}
@@ -131,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     with (out / "answers.jsonl").open("w") as f:
         for i, question in enumerate(questions):
             f.write(json.dumps({"question": question, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}) + "\n")
-    table = ["| model | identity (held-out) | general agreement with base | GSM8K answer ppl |", "|---|---|---|---|"]
+    table = ["| model | identity (held-out) | general: same answer as base | same first 5 words | "
+             "names the owner | GSM8K answer ppl |", "|---|---|---|---|---|---|"]
     for row in rows.values():
-        table.append(f"| {row['model']} | {row['identity']:.1%} | {row['general_agreement']:.0%} | {row['gsm8k_ppl']} |")
+        table.append(f"| {row['model']} | {row['identity']:.1%} | {row['general_agreement']:.0%} | "
+                     f"{row['general_same_start']:.0%} | {row['general_names_owner']}/{len(general)} | {row['gsm8k_ppl']} |")
     text = "\n".join(table) + f"\n\nperplexity change: {change:+.2%} over {count} GSM8K answers\n"
     (out / "results.md").write_text(text)
     print("\n" + text + f"written to {out}/")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 class GenerationSettings(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(512, ge=1)
-    seed: int = 0
+    seed: int | None = 0  # None: unseeded (vLLM's CPU backend cannot run seeded sampling above temperature 0)
 
 
 @dataclass

@@ -174,8 +174,9 @@ def train_loop(loop_config: dict) -> None:
                     progress.set_postfix(loss=values["loss"], tok_s=values["tokens_per_s"])
                 window_tokens, window_s = 0, 0.0
             if cfg.monitor.eval_every and (step % cfg.monitor.eval_every == 0 or step == total_steps):
-                answers = chat_eval(strategy.base, tokenizer, cfg.monitor.eval_prompts, cfg.monitor.eval_max_tokens,
-                                    device)
+                with strategy.generation():
+                    answers = chat_eval(strategy.base, tokenizer, cfg.monitor.eval_prompts,
+                                        cfg.monitor.eval_max_tokens, device)
                 if rank == 0:
                     sink.log_chat(step, answers)
                     for a in answers:

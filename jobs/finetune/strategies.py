@@ -100,6 +100,10 @@ class Strategy:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def generation(self):
+        """Context for `generate()` on `self.base` (all ranks): nothing to do unless weights are sharded."""
+        return contextlib.nullcontext()
+
     # -- state ---------------------------------------------------------------------------------------
 
     def trainable_state(self) -> dict:
@@ -207,11 +211,10 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.fsdp import fully_shard
 
         # FSDP2 shards each module's parameters as one group of a single dtype: adapters take the base's.
-        base_dtype = next(p.dtype for p in model.parameters() if not p.requires_grad) \
-            if any(not p.requires_grad for p in model.parameters()) else None
+        frozen = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
         for param in model.parameters():
-            if base_dtype is not None and param.requires_grad and param.dtype != base_dtype:
-                param.data = param.data.to(base_dtype)
+            if frozen is not None and param.dtype != frozen:
+                param.data = param.data.to(frozen)
         for module in model.modules():
             if type(module).__name__.endswith("DecoderLayer"):
                 fully_shard(module)
@@ -226,6 +229,16 @@ class FSDP2Strategy(Strategy):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
+
+    @contextlib.contextmanager
+    def generation(self):
+        """`generate()` enters the wrapped model below the root (peft calls the inner model), so the root's
+        own shard (embeddings, head, final norm) is gathered by hand; layers gather in their own hooks."""
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
 
     def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
         self.model.set_requires_gradient_sync(last_micro_step)
