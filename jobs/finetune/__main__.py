@@ -135,11 +135,21 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     wall_s = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
+    drop_untracked_checkpoints(run_dir, [c.path for c, _ in result.best_checkpoints or []])
     summary = finish(cfg, model_path, Path(result.checkpoint.path), run_dir, dtype)
     summary.update({"wall_s": round(wall_s, 1), "total_steps": total_steps, "data": data_stats, "dtype": dtype,
                     "use_gpu": use_gpu, "checkpoint": result.checkpoint.path})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def drop_untracked_checkpoints(run_dir: Path, kept: list[str]) -> None:
+    """Ray Train keeps the last `checkpoint.keep`, but leaves on disk the one a worker-group restart
+    resumed from; remove every checkpoint folder it no longer tracks."""
+    kept_names = {Path(path).name for path in kept}
+    for folder in run_dir.glob("checkpoint_*"):
+        if folder.is_dir() and kept_names and folder.name not in kept_names:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _train_loop(loop_config: dict) -> None:
