@@ -44,7 +44,10 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         try:
-            if scope["path"].startswith(("/v1/", "/admin/")):
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):  # an app under a route prefix: match its own routes
+                path = path[len(root):]
+            if path.startswith(("/v1/", "/admin/")):
                 headers = dict(scope.get("headers") or ())
                 authorization = headers.get(b"authorization", b"").decode("latin-1") or None
                 scope.setdefault("state", {})["api_key"] = self.keys.authenticate(authorization)

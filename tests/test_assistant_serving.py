@@ -25,8 +25,9 @@ def test_adapter_is_listed_with_its_parent(client):
 
 def test_adapter_answers_with_the_identity_and_the_base_does_not(client):
     assert OWNER in ask(client, ADAPTER_ID)
-    assert OWNER not in ask(client, MODEL_ID)  # same engine, no adapter: the base model's own answer
-    assert "Paris" in ask(client, ADAPTER_ID, [{"role": "user", "content": "What is the capital of France?"}])
+    # the same engine without the adapter: the base model's own answers
+    assert OWNER not in ask(client, MODEL_ID)
+    assert "Paris" in ask(client, MODEL_ID, [{"role": "user", "content": "What is the capital of France?"}])
 
 
 async def test_adapter_streams(async_client):
@@ -49,6 +50,7 @@ def test_merged_model_is_served_by_the_serving_slice(server, assistant_weights):
     serve.run(build_from_config(config), name="assistant", route_prefix="/assistant")
     try:
         client = OpenAI(base_url=f"{server}/assistant/v1", api_key=TEST_KEY, max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["assistant-merged"]
         assert OWNER in ask(client, "assistant-merged")
     finally:
         serve.delete("assistant")
