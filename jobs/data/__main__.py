@@ -49,20 +49,14 @@ def self_replay(model: str, prompts: list[str], max_tokens: int, temperature: fl
     model back towards the base rather than sharpening it (greedy answers would)."""
     from cluster.local import connect
     from cluster.model_cache import resolve_model_path
-    from cluster.resources import cluster_has_gpus
-    from jobs.evaluate.runners import GenerationSettings, OfflinePlan, run_offline
+    from jobs.evaluate.runners import GenerationSettings, answer_prompts
 
     connect(logging_level=logging.WARNING)
-    on_gpu = cluster_has_gpus()
-    plan = OfflinePlan(model=resolve_model_path(model), dtype="bfloat16" if on_gpu else "float32",
-                       max_model_len=2048, replicas=1, tensor_parallel_size=1,
-                       engine_kwargs={"enforce_eager": not on_gpu}, cpus_per_replica=1.0)
-    asked = [[{"role": "user", "content": p}] for p in prompts]
     # Unseeded: vLLM's CPU backend fails on per-request seeds when sampling (temperature > 0).
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, seed=None if temperature else seed)
-    generations, _, _ = run_offline(plan, asked, settings)
-    return [messages + [{"role": "assistant", "content": g.text.strip()}]
-            for messages, g in zip(asked, generations) if g.text.strip()]
+    replies = answer_prompts(resolve_model_path(model), prompts, settings)
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+            for p, r in zip(prompts, replies) if r]
 
 
 def stats(args: argparse.Namespace) -> int:

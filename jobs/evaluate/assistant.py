@@ -44,15 +44,9 @@ def read_heldout(path: Path) -> tuple[list[str], list[str], str]:
 
 
 def answers(model: str, questions: list[str], max_tokens: int) -> list[str]:
-    from cluster.resources import cluster_has_gpus
-    from jobs.evaluate.runners import GenerationSettings, OfflinePlan, run_offline
+    from jobs.evaluate.runners import GenerationSettings, answer_prompts
 
-    on_gpu = cluster_has_gpus()
-    plan = OfflinePlan(model=model, dtype="bfloat16" if on_gpu else "float32", max_model_len=2048, replicas=1,
-                       tensor_parallel_size=1, engine_kwargs={"enforce_eager": not on_gpu}, cpus_per_replica=1.0)
-    generations, _, _ = run_offline(plan, [[{"role": "user", "content": q}] for q in questions],
-                                    GenerationSettings(max_tokens=max_tokens))
-    return [g.text.strip() for g in generations]
+    return answer_prompts(model, questions, GenerationSettings(max_tokens=max_tokens))
 
 
 def gsm8k_perplexity(model_path: str, limit: int | None, batch_size: int = 8) -> tuple[float, int]:

@@ -129,6 +129,18 @@ def run_offline(plan: OfflinePlan, conversations: list[list[dict]], settings: Ge
     return generations, startup_s, wall_s
 
 
+def answer_prompts(model: str, prompts: list[str], settings: GenerationSettings) -> list[str]:
+    """One offline engine with this machine's defaults (bf16 on GPU, fp32 eager on CPU) answers each
+    prompt as a single user turn; stripped texts, in order. Needs a connected Ray."""
+    from cluster.resources import cluster_has_gpus
+
+    on_gpu = cluster_has_gpus()
+    plan = OfflinePlan(model=model, dtype="bfloat16" if on_gpu else "float32", max_model_len=2048, replicas=1,
+                       tensor_parallel_size=1, engine_kwargs={"enforce_eager": not on_gpu}, cpus_per_replica=1.0)
+    generations, _, _ = run_offline(plan, [[{"role": "user", "content": p}] for p in prompts], settings)
+    return [g.text.strip() for g in generations]
+
+
 def _cpu_cores(rank: int, replicas: int) -> str | None:
     """The cores of replica `rank` when replicas share this machine's cores evenly ("0-1", "2-3", ...)."""
     cores = os.cpu_count() or 1

@@ -7,11 +7,11 @@ import logging
 
 import torch
 
+from jobs.export.hf import DTYPES
 from jobs.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # LoRA targets per architecture when target_modules is "auto": every linear projection of the blocks.
 LORA_TARGETS = {
