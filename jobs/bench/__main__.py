@@ -4,6 +4,9 @@
     python -m jobs.bench serve --targets vllm,tuneserve --model /path/to/hf-folder --concurrency 1,16,64
     python -m jobs.bench router --rate 20 --requests 400
     python -m jobs.bench finetune --shape llama3-8b --steps 12      (GPU: QLoRA job vs plain peft loop)
+    python -m jobs.bench finetune --variant mb4:train.micro_batch_size=4 --variant no-ckpt:model.gradient_checkpointing=false
+    python -m jobs.bench scaling --shape llama-1.8b --setups lora-zero2,full-zero3 --workers 1,2
+    python -m jobs.bench eval --shape llama-1.8b --runs dp1,dp2,tp2       (GSM8K evaluate job, dummy weights)
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ def ratios(reports: list[LoadReport], baseline: str) -> list[dict]:
 
 
 def parse_target(name: str) -> tuple[str, dict]:
-    """`tuneserve:50` (stream interval 50 ms), `tuneserve@2` (2 replicas), `tuneserve@auto2` (autoscale 1→2)."""
+    """`tuneserve:50` (stream interval 50 ms), `tuneserve@2` (2 replicas), `tuneserve@auto2` (autoscale 1→2),
+    `vllm+router` (raw vLLM, then our router in front of it)."""
+    if name == "vllm+router":
+        return "vllm", {"with_router": True}
     name, _, scale = name.partition("@")
     kind, _, interval = name.partition(":")
     options: dict = {"stream_interval_ms": float(interval)} if interval else {}
@@ -66,7 +72,7 @@ class ScaleWatcher:
         self._count = running_engine_replicas
         self._stop = threading.Event()
         self._changes: list[tuple[float, int]] = []
-        self._started = time.monotonic()
+        self.started = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -74,12 +80,41 @@ class ScaleWatcher:
         while not self._stop.wait(1.0):
             replicas = self._count()
             if not self._changes or self._changes[-1][1] != replicas:
-                self._changes.append((round(time.monotonic() - self._started, 1), replicas))
+                self._changes.append((round(time.monotonic() - self.started, 1), replicas))
+
+    def replicas(self) -> int:
+        return self._changes[-1][1] if self._changes else 0
 
     def stop(self) -> list[tuple[float, int]]:
         self._stop.set()
         self._thread.join()
         return self._changes
+
+
+def measure(label: str, base_url: str, model_id: str, level: int, args: argparse.Namespace) -> LoadReport:
+    count = max(level, min(args.requests, args.max_requests_per_stream * level))
+    report = asyncio.run(run_load(label, base_url, model_id, concurrency=level, num_requests=count,
+                                  prompt_words=args.prompt_words, max_tokens=args.max_tokens,
+                                  processes=args.client_processes))
+    print(json.dumps(report.row()), flush=True)
+    return report
+
+
+def scale_up(label: str, base_url: str, model_id: str, level: int, args: argparse.Namespace,
+             target_replicas: int, limit_s: float = 600) -> list[LoadReport]:
+    """Loads at `level` streams, back to back, on an autoscaling app that starts at one replica, until
+    `target_replicas` run (or `limit_s`): records when each replica came up and whether any request failed."""
+    watcher = ScaleWatcher()
+    reports = []
+    while not reports or (watcher.replicas() < target_replicas and time.monotonic() - watcher.started < limit_s):
+        reports.append(measure(f"{label} scaling", base_url, model_id, level, args))
+    changes = watcher.stop()
+    reports[-1].replicas_over_time = changes
+    print(json.dumps({"target": label, "replicas_over_time": changes,
+                      "time_to_scale_s": next((t for t, n in changes if n >= target_replicas), None),
+                      "failed_while_scaling": sum(r.failed for r in reports),
+                      "requests_while_scaling": sum(r.requests for r in reports)}), flush=True)
+    return reports
 
 
 def serve_benchmark(args: argparse.Namespace) -> None:
@@ -99,22 +134,26 @@ def serve_benchmark(args: argparse.Namespace) -> None:
     reports: list[LoadReport] = []
     for name in args.targets.split(","):
         kind, options = parse_target(name)
+        if kind == "tuneserve" and args.ingress_replicas:
+            options["ingress_replicas"] = args.ingress_replicas
+        if "autoscale_to" in options:
+            options["target_ongoing_requests"] = args.autoscale_target_ongoing
         started = time.monotonic()
         print(f"== {name}: starting ...", flush=True)
-        with TARGETS[kind](spec, **options) as base_url:
-            print(f"== {name}: ready in {time.monotonic() - started:.0f} s at {base_url}", flush=True)
-            for level in levels:
-                count = max(level, min(args.requests, args.max_requests_per_stream * level))
-                watcher = ScaleWatcher() if "autoscale_to" in options else None
-                report = asyncio.run(run_load(name, base_url, spec.model_id, concurrency=level,
-                                              num_requests=count, prompt_words=args.prompt_words,
-                                              max_tokens=args.max_tokens))
-                if watcher is not None:
-                    print(json.dumps({"target": name, "replicas_over_time": watcher.stop()}), flush=True)
-                print(json.dumps(report.row()), flush=True)
-                reports.append(report)
+        with TARGETS[kind](spec, **options) as urls:
+            print(f"== {name}: ready in {time.monotonic() - started:.0f} s at {urls}", flush=True)
+            for label, base_url in urls.items():
+                label = name if len(urls) == 1 else label  # keep `tuneserve:50@2` as the row's name
+                runs = []
+                if "autoscale_to" in options:  # first grow under load, then measure at full size
+                    runs += scale_up(label, base_url, spec.model_id, max(levels), args, options["autoscale_to"],
+                                     args.scale_timeout)
+                for level in levels:
+                    runs.append(measure(label, base_url, spec.model_id, level, args))
+                reports += runs
                 if args.out:  # written as it goes: a long run cut short still leaves its figures
-                    Path(args.out).with_suffix(".partial.jsonl").open("a").write(json.dumps(report.row()) + "\n")
+                    with Path(args.out).with_suffix(".partial.jsonl").open("a") as partial:
+                        partial.writelines(json.dumps(report.row()) + "\n" for report in runs)
     ray.shutdown()
 
     rows = [r.row() for r in reports]
@@ -126,6 +165,13 @@ def serve_benchmark(args: argparse.Namespace) -> None:
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
                 "gpu": on_gpu, "spec": spec.__dict__, "args": vars(args)}
         Path(args.out).write_text(json.dumps({"meta": meta, "results": rows, "ratios": ratio_rows}, indent=1))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, shape: str, work: str, weights: str) -> None:
+    parser.add_argument("--model", default=None, help=f"HF folder with weights (default: {weights} of --shape)")
+    parser.add_argument("--shape", default=shape, help="Llama shape when --model is not given")
+    parser.add_argument("--tokenizer", default="default", help="tokenizer folder for --shape ('default': SmolLM2)")
+    parser.add_argument("--work", default=work, help="scratch folder (models, data, runs)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +196,14 @@ def main(argv: list[str] | None = None) -> None:
                        help="cap requests at this many per concurrent stream (keeps concurrency 1 short)")
     serve.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
     serve.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    serve.add_argument("--ingress-replicas", type=int, default=None,
+                       help="tuneserve ingress replicas (default: one per engine replica)")
+    serve.add_argument("--autoscale-target-ongoing", type=float, default=48,
+                       help="tuneserve@autoN: ongoing requests per replica the autoscaler aims for")
+    serve.add_argument("--scale-timeout", type=float, default=600,
+                       help="tuneserve@autoN: seconds of load to wait for the last replica")
+    serve.add_argument("--client-processes", type=int, default=None,
+                       help="load generator processes (default: one per 32 streams)")
     serve.add_argument("--out", default=None, help="write results as JSON here")
     router = sub.add_parser("router", help="latency the router adds over calling a fast upstream directly")
     router.add_argument("--rate", type=float, default=20.0, help="requests per second (open loop)")
@@ -157,19 +211,34 @@ def main(argv: list[str] | None = None) -> None:
     router.add_argument("--max-tokens", type=int, default=16)
     router.add_argument("--out", default=None, help="write results as JSON here")
     tune = sub.add_parser("finetune", help="QLoRA tok/s and peak memory: our Ray Train job vs a plain peft loop")
-    tune.add_argument("--model", default=None, help="HF folder with weights (default: random weights of --shape)")
-    tune.add_argument("--shape", default="llama3-8b", help="dummy shape when --model is not given")
-    tune.add_argument("--tokenizer", default="default", help="tokenizer folder for --shape ('default': SmolLM2)")
-    tune.add_argument("--work", default="runs/bench-finetune", help="scratch folder (models, data, runs)")
+    add_model_arguments(tune, "llama3-8b", "runs/bench-finetune", "random weights")
     tune.add_argument("--steps", type=int, default=12)
     tune.add_argument("--seq", type=int, default=1024)
     tune.add_argument("--rank", type=int, default=64)
     tune.add_argument("--out", default=None, help="write results as JSON here")
-    tune.add_argument("overrides", nargs="*", help="extra recipe overrides for our job (key.sub=value)")
+    tune.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                      help="one run of our job with these recipe overrides (repeatable)")
+    tune.add_argument("overrides", nargs="*", help="recipe overrides for our job when no --variant is given")
+    scale = sub.add_parser("scaling", help="fine-tune tokens/s at 1 and N workers: ZeRO-2/3 scaling efficiency")
+    add_model_arguments(scale, "llama-1.8b", "runs/bench-scaling", "random weights")
+    scale.add_argument("--setups", default="lora-zero2,full-zero3", help="comma list of METHOD-STRATEGY")
+    scale.add_argument("--workers", default="1,2", help="comma list of worker counts (the first is the base)")
+    scale.add_argument("--steps", type=int, default=8)
+    scale.add_argument("--seq", type=int, default=1024)
+    scale.add_argument("--out", default=None, help="write results as JSON here")
+    evaluate = sub.add_parser("eval", help="GSM8K evaluate job: data-parallel vs tensor-parallel wall time")
+    add_model_arguments(evaluate, "llama-1.8b", "runs/bench-eval", "dummy weights (load_format=dummy)")
+    evaluate.add_argument("--runs", default="dp1,dp2,tp2", help="comma list of dpN / tpN (the first is the base)")
+    evaluate.add_argument("--dataset", default="gsm8k", help="as for python -m jobs.evaluate")
+    evaluate.add_argument("--limit", type=int, default=None)
+    evaluate.add_argument("--max-tokens", type=int, default=256)
+    evaluate.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    {"serve": serve_benchmark, "router": router_benchmark, "finetune": finetune_benchmark}[args.command](args)
+    commands = {"serve": serve_benchmark, "router": router_benchmark, "finetune": finetune_benchmark,
+                "scaling": scaling_benchmark, "eval": eval_benchmark}
+    commands[args.command](args)
 
 
 def router_benchmark(args: argparse.Namespace) -> None:
@@ -187,19 +256,56 @@ def router_benchmark(args: argparse.Namespace) -> None:
                                               "results": rows}, indent=1))
 
 
-def finetune_benchmark(args: argparse.Namespace) -> None:
+def bench_model(args: argparse.Namespace, work: Path, random_weights: bool) -> Path:
+    """--model as given, or a Llama folder of --shape with the tokenizer (random weights when asked)."""
     from cluster.model_cache import resolve_model_path
     from jobs.bench.dummy_model import write_dummy_model
+
+    if args.model:
+        return Path(args.model)
+    suffix = "random" if random_weights else "dummy"
+    return write_dummy_model(args.shape, Path(resolve_model_path(args.tokenizer)), work / f"{args.shape}-{suffix}",
+                             random_weights=random_weights)
+
+
+def write_results(args: argparse.Namespace, rows: list[dict], **extra) -> None:
+    if args.out:
+        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+                                              **extra, "results": rows}, indent=1))
+
+
+def finetune_benchmark(args: argparse.Namespace) -> None:
     from jobs.bench.finetune_speed import run
 
     work = Path(args.work).resolve()
-    model = Path(args.model) if args.model else write_dummy_model(
-        args.shape, Path(resolve_model_path(args.tokenizer)), work / f"{args.shape}-random", random_weights=True)
-    rows = run(model, work, args.steps, args.seq, args.rank, args.overrides)
+    model = bench_model(args, work, random_weights=True)
+    variants = {name: overrides.split(",") if overrides else []
+                for name, _, overrides in (v.partition(":") for v in args.variant)} or {"recipe": args.overrides}
+    rows = run(model, work, args.steps, args.seq, args.rank, variants)
     print("\n" + markdown_table(rows, ["contender", "tokens_per_s", "peak_mem_gib", "tokens_per_s_ratio"]))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
-                                              "model": str(model), "results": rows}, indent=1))
+    write_results(args, rows, model=str(model))
+
+
+def scaling_benchmark(args: argparse.Namespace) -> None:
+    from jobs.bench.finetune_speed import scaling
+
+    work = Path(args.work).resolve()
+    model = bench_model(args, work, random_weights=True)
+    rows = scaling(model, work, args.steps, args.seq, args.setups.split(","),
+                   [int(w) for w in args.workers.split(",")])
+    print("\n" + markdown_table(rows, ["setup", "workers", "tokens_per_s", "speedup", "efficiency", "peak_mem_gib"]))
+    write_results(args, rows, model=str(model))
+
+
+def eval_benchmark(args: argparse.Namespace) -> None:
+    from jobs.bench.eval_speed import run
+
+    work = Path(args.work).resolve()
+    model = bench_model(args, work, random_weights=False)
+    rows = run(model, work, args.runs.split(","), args.dataset, args.limit, args.max_tokens,
+               dummy_weights=args.model is None)
+    print("\n" + markdown_table(rows, ["name", "questions", "startup_s", "wall_s", "output_tok_s", "speedup"]))
+    write_results(args, rows, model=str(model))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 - `tuneserve`: our Serve app (ingress + AsyncLLM engine deployment);
 - `vllm`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`);
+- `vllm+router`: the same server, measured directly and also through our router (an app with no local
+  engine whose remote provider is that server: ingress → routing → pooled HTTP → SSE re-rendering);
 - `rayllm`: Ray's `ray.serve.llm` OpenAI app.
 
-Each is a context manager that yields the base URL (`http://127.0.0.1:PORT/v1`) and stops what it started.
+Each is a context manager that yields {label: base URL (`http://127.0.0.1:PORT/v1`)} and stops what it
+started.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def wait_ready(url: str, timeout_s: float = 900, process: subprocess.Popen | Non
 
 
 @contextlib.contextmanager
-def raw_vllm(spec: EngineSpec) -> Iterator[str]:
+def raw_vllm(spec: EngineSpec, with_router: bool = False) -> Iterator[dict[str, str]]:
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", spec.path, "--served-model-name", spec.model_id]
@@ -77,7 +80,12 @@ def raw_vllm(spec: EngineSpec) -> Iterator[str]:
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", process=process)
-        yield f"http://127.0.0.1:{port}/v1"
+        url = f"http://127.0.0.1:{port}/v1"
+        if with_router:
+            with router_in_front(spec, url) as router_url:
+                yield {"vllm": url, "router": router_url}
+        else:
+            yield {"vllm": url}
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}; vLLM's log: {log.name}") from None
     finally:
@@ -97,23 +105,16 @@ def _serve_app(app, port: int) -> str:
 
 
 @contextlib.contextmanager
-def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int = 1,
-              autoscale_to: int | None = None) -> Iterator[str]:
-    """Our app. `replicas` engine replicas, or autoscaling from 1 to `autoscale_to` on ongoing requests."""
+def router_in_front(spec: EngineSpec, upstream_url: str) -> Iterator[str]:
+    """Our app with no local engine, routing the model to `upstream_url` as a remote provider."""
     from ray import serve
 
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
-    scaling = {"num_replicas": replicas} if autoscale_to is None else {"autoscaling_config": {
-        "min_replicas": 1, "max_replicas": autoscale_to, "target_ongoing_requests": 48,
-        "upscale_delay_s": 5, "downscale_delay_s": 600}}
-    config = AppConfig.model_validate({"models": [{
-        "id": spec.model_id, "path": spec.path, "dtype": spec.dtype, "max_model_len": spec.max_model_len,
-        **scaling, "max_ongoing_requests": 256, "stream_interval_ms": stream_interval_ms,
-        "resources": {"num_cpus": 1, "num_gpus": 1 if spec.on_gpu else 0},
-        "engine_kwargs": {k: v for k, v in spec.vllm_kwargs().items() if k not in ("dtype", "max_model_len")},
-    }], "ingress": {"num_replicas": autoscale_to or replicas}})  # one ingress replica per engine replica
+    config = AppConfig.model_validate({"providers": [{
+        "name": "upstream", "base_url": upstream_url, "models": [{"id": spec.model_id}], "max_concurrency": 1024,
+        "timeouts": {"read_s": 600}}]})
     try:
         yield _serve_app(build_from_config(config), free_port())
     finally:
@@ -121,7 +122,33 @@ def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int 
 
 
 @contextlib.contextmanager
-def ray_serve_llm(spec: EngineSpec) -> Iterator[str]:
+def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int = 1,
+              autoscale_to: int | None = None, ingress_replicas: int | None = None,
+              target_ongoing_requests: float = 48) -> Iterator[dict[str, str]]:
+    """Our app. `replicas` engine replicas, or autoscaling from 1 to `autoscale_to` on ongoing requests;
+    one ingress replica per engine replica unless `ingress_replicas` is given."""
+    from ray import serve
+
+    from serve_app.app import build_from_config
+    from serve_app.config import AppConfig
+
+    scaling = {"num_replicas": replicas} if autoscale_to is None else {"autoscaling_config": {
+        "min_replicas": 1, "max_replicas": autoscale_to, "target_ongoing_requests": target_ongoing_requests,
+        "upscale_delay_s": 5, "downscale_delay_s": 600}}
+    config = AppConfig.model_validate({"models": [{
+        "id": spec.model_id, "path": spec.path, "dtype": spec.dtype, "max_model_len": spec.max_model_len,
+        **scaling, "max_ongoing_requests": 256, "stream_interval_ms": stream_interval_ms,
+        "resources": {"num_cpus": 1, "num_gpus": 1 if spec.on_gpu else 0},
+        "engine_kwargs": {k: v for k, v in spec.vllm_kwargs().items() if k not in ("dtype", "max_model_len")},
+    }], "ingress": {"num_replicas": ingress_replicas or autoscale_to or replicas}})
+    try:
+        yield {"tuneserve": _serve_app(build_from_config(config), free_port())}
+    finally:
+        serve.shutdown()
+
+
+@contextlib.contextmanager
+def ray_serve_llm(spec: EngineSpec) -> Iterator[dict[str, str]]:
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
 
@@ -136,7 +163,7 @@ def ray_serve_llm(spec: EngineSpec) -> Iterator[str]:
     app = build_openai_app({"llm_configs": [llm_config],
                             "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
     try:
-        yield _serve_app(app, free_port())
+        yield {"rayllm": _serve_app(app, free_port())}
     finally:
         serve.shutdown()
 
