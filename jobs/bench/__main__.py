@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--dataset", default="gsm8k", help="as for python -m jobs.evaluate")
     evaluate.add_argument("--limit", type=int, default=None)
     evaluate.add_argument("--max-tokens", type=int, default=256)
+    evaluate.add_argument("--engine-kwargs", default="{}", help="JSON of extra vLLM engine arguments for every run")
     evaluate.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -303,7 +304,7 @@ def eval_benchmark(args: argparse.Namespace) -> None:
     work = Path(args.work).resolve()
     model = bench_model(args, work, random_weights=False)
     rows = run(model, work, args.runs.split(","), args.dataset, args.limit, args.max_tokens,
-               dummy_weights=args.model is None)
+               dummy_weights=args.model is None, engine_kwargs=json.loads(args.engine_kwargs))
     print("\n" + markdown_table(rows, ["name", "questions", "startup_s", "wall_s", "output_tok_s", "speedup"]))
     write_results(args, rows, model=str(model))
 

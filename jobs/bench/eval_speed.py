@@ -24,9 +24,9 @@ def evaluate_args(run: str) -> list[str]:
 
 
 def run(model: Path, work: Path, runs: list[str], dataset: str, limit: int | None, max_tokens: int,
-        dummy_weights: bool) -> list[dict]:
+        dummy_weights: bool, engine_kwargs: dict | None = None) -> list[dict]:
     rows = []
-    engine_kwargs = {"load_format": "dummy"} if dummy_weights else {}
+    engine_kwargs = {**({"load_format": "dummy"} if dummy_weights else {}), **(engine_kwargs or {})}
     for name in runs:
         out = work / name
         command = [sys.executable, "-m", "jobs.evaluate", "--model", str(model), "--dataset", dataset,
