@@ -89,7 +89,9 @@ def finetune(config: Path, *overrides: str, timeout: float = 600) -> subprocess.
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    from jobs.finetune.loop import read_metrics
+
+    return read_metrics(run_dir)
 
 
 def assert_trained(result: subprocess.CompletedProcess, run_dir: Path, steps: int = 6) -> dict:

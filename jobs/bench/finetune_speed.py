@@ -48,7 +48,9 @@ def job_throughput(config: str, model: Path, work: Path, name: str, steps: int, 
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"fine-tune job {name} failed:\n{result.stderr[-3000:]}")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    from jobs.finetune.loop import read_metrics
+
+    metrics = read_metrics(run_dir)
     timed = metrics[2:] or metrics  # the first two steps warm up (allocator, kernels)
     return {"tokens_per_s": round(sum(m["tokens_per_s"] for m in timed) / len(timed), 1),
             "peak_mem_gib": max(m.get("peak_mem_gib", 0.0) for m in metrics),

@@ -18,7 +18,7 @@ import httpx
 
 from cluster.local import free_port
 from jobs.bench.loadgen import percentile
-from jobs.bench.serve_targets import wait_ready
+from jobs.bench.serve_targets import served, wait_ready
 
 
 @dataclass
@@ -70,8 +70,6 @@ async def open_loop(path: str, base_url: str, model: str, rate: float, count: in
 
 
 def run(rate: float, count: int, max_tokens: int) -> list[dict]:
-    from ray import serve
-
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
@@ -83,13 +81,9 @@ def run(rate: float, count: int, max_tokens: int) -> list[dict]:
         config = AppConfig.model_validate({"providers": [{
             "name": "upstream", "base_url": direct_url, "max_concurrency": 256,
             "models": [{"id": "echo-model", "upstream": "echo"}]}]})
-        app_port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": app_port})
-        serve.run(build_from_config(config), name="router-bench", route_prefix="/")
-        routed_url = f"http://127.0.0.1:{app_port}/v1"
-        reports = [asyncio.run(open_loop("direct", direct_url, "echo", rate, count, max_tokens)),
-                   asyncio.run(open_loop("router", routed_url, "echo-model", rate, count, max_tokens))]
-        serve.shutdown()
+        with served(build_from_config(config), name="router-bench") as routed_url:
+            reports = [asyncio.run(open_loop("direct", direct_url, "echo", rate, count, max_tokens)),
+                       asyncio.run(open_loop("router", routed_url, "echo-model", rate, count, max_tokens))]
     finally:
         upstream.terminate()
         upstream.wait(timeout=10)

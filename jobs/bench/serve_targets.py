@@ -96,29 +96,31 @@ def raw_vllm(spec: EngineSpec, with_router: bool = False) -> Iterator[dict[str, 
             process.kill()
 
 
-def _serve_app(app, port: int) -> str:
+@contextlib.contextmanager
+def served(app, name: str = "bench") -> Iterator[str]:
+    """Run a Serve application on a free port of 127.0.0.1, yield its base URL, shut Serve down after."""
     from ray import serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}/v1"
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app, name=name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        serve.shutdown()
 
 
 @contextlib.contextmanager
 def router_in_front(spec: EngineSpec, upstream_url: str) -> Iterator[str]:
     """Our app with no local engine, routing the model to `upstream_url` as a remote provider."""
-    from ray import serve
-
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
     config = AppConfig.model_validate({"providers": [{
         "name": "upstream", "base_url": upstream_url, "models": [{"id": spec.model_id}], "max_concurrency": 1024,
         "timeouts": {"read_s": 600}}]})
-    try:
-        yield _serve_app(build_from_config(config), free_port())
-    finally:
-        serve.shutdown()
+    with served(build_from_config(config)) as url:
+        yield url
 
 
 @contextlib.contextmanager
@@ -127,8 +129,6 @@ def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int 
               target_ongoing_requests: float = 48) -> Iterator[dict[str, str]]:
     """Our app. `replicas` engine replicas, or autoscaling from 1 to `autoscale_to` on ongoing requests;
     one ingress replica per engine replica unless `ingress_replicas` is given."""
-    from ray import serve
-
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
@@ -141,15 +141,12 @@ def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int 
         "resources": {"num_cpus": 1, "num_gpus": 1 if spec.on_gpu else 0},
         "engine_kwargs": {k: v for k, v in spec.vllm_kwargs().items() if k not in ("dtype", "max_model_len")},
     }], "ingress": {"num_replicas": ingress_replicas or autoscale_to or replicas}})
-    try:
-        yield {"tuneserve": _serve_app(build_from_config(config), free_port())}
-    finally:
-        serve.shutdown()
+    with served(build_from_config(config)) as url:
+        yield {"tuneserve": url}
 
 
 @contextlib.contextmanager
 def ray_serve_llm(spec: EngineSpec) -> Iterator[dict[str, str]]:
-    from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
 
     engine_kwargs = spec.vllm_kwargs()
@@ -162,10 +159,8 @@ def ray_serve_llm(spec: EngineSpec) -> Iterator[dict[str, str]]:
     )
     app = build_openai_app({"llm_configs": [llm_config],
                             "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
-    try:
-        yield {"rayllm": _serve_app(app, free_port())}
-    finally:
-        serve.shutdown()
+    with served(app) as url:
+        yield {"rayllm": url}
 
 
 def running_engine_replicas() -> int:

@@ -178,7 +178,9 @@ def finish(cfg: FinetuneConfig, model_path: str, checkpoint: Path, run_dir: Path
     if cfg.model.method != "full" and cfg.output.merge:
         merged = merge_adapter(model_path, final, run_dir / "merged", cfg.output.merge_dtype or dtype)
         out["merged"] = str(merged)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    from jobs.finetune.loop import read_metrics
+
+    metrics = read_metrics(run_dir)
     if metrics:
         out["first_loss"], out["final_loss"] = metrics[0]["loss"], metrics[-1]["loss"]
         speeds = [m["tokens_per_s"] for m in metrics[1:]] or [metrics[0]["tokens_per_s"]]

@@ -50,6 +50,11 @@ def chat_eval(model, tokenizer, prompts: list[str], max_tokens: int, device: tor
     return answers
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-step lines MetricsSink wrote to <run_dir>/metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
 class MetricsSink:
     """Rank 0: a JSONL line per logged step, TensorBoard scalars, and the chat answers."""
 
