@@ -28,6 +28,25 @@ CPU_ENGINE_ENV = {
 }
 
 
+def multicast_off(env: dict[str, str] = os.environ) -> bool:
+    """True on nodes that keep NVLink multicast off (as shared GPU hosts do)."""
+    return env.get("NCCL_NVLS_ENABLE") == "0" or env.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1"
+
+
+def tensor_parallel_defaults(tensor_parallel_size: int, env: dict[str, str] = os.environ
+                             ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Engine kwargs and environment for a tensor-parallel engine on a node without NVLink multicast.
+
+    vLLM 0.26's default all-reduce paths (custom all-reduce over symmetric memory, and the fused
+    all-reduce+RMSNorm pass) hung or failed there with TP=2 on 2x H200; plain NCCL all-reduce works
+    (docs/benchmarks.md). Elsewhere, and for one GPU, vLLM's defaults stay."""
+    if tensor_parallel_size < 2 or not multicast_off(env):
+        return {}, {}
+    kwargs = {"disable_custom_all_reduce": True,
+              "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
+    return kwargs, {"VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+
+
 def resolve_dtype(model: ModelConfig, on_gpu: bool) -> str:
     """float32 on CPU: bf16 there is slow and only correct in eager mode. bfloat16 on GPUs."""
     if model.dtype != "auto":
@@ -52,9 +71,10 @@ class EngineDeployment:
     """Wrapped with serve.deployment in serve_app/app.py; its options come from ModelConfig."""
 
     def __init__(self, model: ModelConfig, on_gpu: bool):
-        if not on_gpu:
-            for key, value in CPU_ENGINE_ENV.items():
-                os.environ.setdefault(key, value)
+        tp_kwargs, engine_env = (tensor_parallel_defaults(model.tensor_parallel_size) if on_gpu
+                                 else ({}, CPU_ENGINE_ENV))
+        for key, value in engine_env.items():
+            os.environ.setdefault(key, value)
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
@@ -79,7 +99,8 @@ class EngineDeployment:
         if self.lora_requests:
             engine_kwargs.update(enable_lora=True, max_loras=min(len(self.lora_requests), 8),
                                  max_lora_rank=max_lora_rank(model))
-        engine_kwargs.update(model.engine_kwargs)
+        engine_kwargs.update(tp_kwargs)
+        engine_kwargs.update(model.engine_kwargs)  # the user's own settings win
         started = time.monotonic()
         # As an OpenAI server we take the defaults vLLM's own server takes. The library default
         # (ENGINE_CONTEXT) leaves max_num_batched_tokens at 2048 where `vllm serve` uses 8192 on an

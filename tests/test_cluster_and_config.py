@@ -105,3 +105,19 @@ def test_key_from_env(monkeypatch):
     store = KeyStore([ApiKey(name="one", env="K1"), ApiKey(name="two", sha256=hash_key("other"))])
     assert store.authenticate("Bearer secret").name == "one"
     assert store.authenticate("bearer other").name == "two"
+
+
+def test_tensor_parallel_defaults_only_where_multicast_is_off():
+    """A TP engine on a multicast-off node gets plain NCCL all-reduce; one GPU, or a normal node, keeps
+    vLLM's defaults."""
+    from serve_app.engine import tensor_parallel_defaults
+
+    no_multicast = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    kwargs, env = tensor_parallel_defaults(2, no_multicast)
+    assert kwargs["disable_custom_all_reduce"] is True
+    assert kwargs["compilation_config"]["pass_config"]["fuse_allreduce_rms"] is False
+    assert env == {"VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+    assert tensor_parallel_defaults(2, {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})[0] == kwargs
+    assert tensor_parallel_defaults(1, no_multicast) == ({}, {})
+    assert tensor_parallel_defaults(4, {}) == ({}, {})
+    assert tensor_parallel_defaults(4, {"NCCL_NVLS_ENABLE": "1"}) == ({}, {})

@@ -39,8 +39,15 @@ class EngineReplica:
 
     def __init__(self, model: str, dtype: str, max_model_len: int, tensor_parallel_size: int,
                  engine_kwargs: dict, cpu_cores: str | None):
+        from serve_app.engine import tensor_parallel_defaults
+
         if cpu_cores is not None:  # CPU replicas: each its own cores, so that their OpenMP threads do not fight
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
+        else:
+            tp_kwargs, tp_env = tensor_parallel_defaults(tensor_parallel_size)
+            for key, value in tp_env.items():
+                os.environ.setdefault(key, value)
+            engine_kwargs = {**tp_kwargs, **engine_kwargs}  # the caller's own settings win
         from transformers import AutoTokenizer
         from vllm import LLM
 
