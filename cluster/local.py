@@ -215,6 +215,11 @@ def down(timeout_s: float = 10.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # A killed process lingers while the kernel frees its memory (seconds for an engine's GiBs):
+    # return only once they are gone, so that a caller checking right after sees none.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in leftovers):
+        time.sleep(0.1)
     _pidfile().unlink(missing_ok=True)
     print(f"stopped {len(pids)} Ray processes" + (f" ({len(leftovers)} killed)" if leftovers else ""))
 
