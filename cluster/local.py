@@ -206,9 +206,7 @@ def down(timeout_s: float = 10.0) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
+    _wait_until_gone(pids, timeout_s)
     leftovers = {pid for pid in pids | our_processes() if _alive(pid)}
     for pid in leftovers:
         try:
@@ -217,11 +215,15 @@ def down(timeout_s: float = 10.0) -> None:
             pass
     # A killed process lingers while the kernel frees its memory (seconds for an engine's GiBs):
     # return only once they are gone, so that a caller checking right after sees none.
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in leftovers):
-        time.sleep(0.1)
+    _wait_until_gone(leftovers, timeout_s)
     _pidfile().unlink(missing_ok=True)
     print(f"stopped {len(pids)} Ray processes" + (f" ({len(leftovers)} killed)" if leftovers else ""))
+
+
+def _wait_until_gone(pids: set[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
 
 
 def free_port() -> int:
