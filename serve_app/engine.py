@@ -55,7 +55,10 @@ def resolve_dtype(model: ModelConfig, on_gpu: bool) -> str:
 
 
 def adapter_folder(path: str) -> Path:
-    folder = Path(path).expanduser().resolve()
+    """The adapter as a folder on this replica's node (a storage URI is fetched into the node's cache)."""
+    from cluster.storage import resolve_local
+
+    folder = Path(resolve_local(path)).expanduser().resolve()
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"adapter {path}: not a PEFT adapter folder (no adapter_config.json)")
     return folder

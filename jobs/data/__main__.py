@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from jobs.data import identity
-from jobs.data.records import DataError, read_conversations, write_jsonl
+from jobs.data.records import DataError, read_conversations, write_jsonl, write_text
 
 
-def heldout_path(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".jsonl") + ".heldout.jsonl")
+def heldout_path(out: str) -> str:
+    return out.removesuffix(".jsonl") + ".heldout.jsonl"
 
 
 def make_identity(args: argparse.Namespace) -> int:
@@ -30,14 +30,10 @@ def make_identity(args: argparse.Namespace) -> int:
     if args.replay:
         conversations += self_replay(args.replay_model, identity.replay_prompts(args.replay, args.seed),
                                      args.max_tokens, args.replay_temperature, args.seed)
-    out = Path(args.out)
-    written = write_jsonl(out, conversations)
-    held = heldout_path(out)
-    with held.open("w", encoding="utf-8") as f:
-        for question in identity.heldout_questions():
-            f.write(json.dumps({"kind": "identity", "question": question, "owner": args.name}) + "\n")
-        for question in identity.GENERAL_HELDOUT:
-            f.write(json.dumps({"kind": "general", "question": question}) + "\n")
+    written, out = write_jsonl(args.out, conversations)
+    lines = [{"kind": "identity", "question": q, "owner": args.name} for q in identity.heldout_questions()]
+    lines += [{"kind": "general", "question": q} for q in identity.GENERAL_HELDOUT]
+    held = write_text(heldout_path(args.out), "".join(json.dumps(line) + "\n" for line in lines))
     print(f"wrote {written} conversations to {out} ({args.count} identity, {args.replay} replay) "
           f"and {len(identity.heldout_questions()) + len(identity.GENERAL_HELDOUT)} held-out questions to {held}")
     return 0

@@ -65,8 +65,7 @@ def to_conversation(record: object, where: str) -> Conversation:
                     f"'instruction'/'output' (alpaca), got keys {sorted(record)[:6]}")
 
 
-def _json_records(path: Path) -> Iterable[tuple[object, str]]:
-    text = path.read_text(encoding="utf-8")
+def _json_records(text: str, path: str) -> Iterable[tuple[object, str]]:
     stripped = text.lstrip()
     if stripped.startswith("["):  # one JSON array
         try:
@@ -104,21 +103,45 @@ def read_conversations(source: str | Path) -> list[Conversation]:
     if source.startswith(HF_PREFIX):
         records = _hf_records(source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"{path}: data file not found")
-        records = _json_records(path)
+        records = _json_records(read_text(source), source)
     conversations = [to_conversation(record, where) for record, where in records]
     if not conversations:
         raise DataError(f"{source}: no records")
     return conversations
 
 
-def write_jsonl(path: Path, conversations: Iterable[Conversation]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as f:
-        for messages in conversations:
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+def read_text(source: str) -> str:
+    """A data file from storage: a URI, an absolute local path, or a path relative to the storage root
+    (see cluster/storage.py), so that a job reads the same bytes on whichever node its driver runs."""
+    from cluster.storage import StorageError, locate, storage_root
+
+    try:
+        location = locate(source)
+        if not location.is_file():
+            hint = ""
+            if Path(source).is_file() and not location.is_local:
+                hint = (f"; it exists on this machine only: upload it with "
+                        f"`python -m cluster.storage put {source} {source}`")
+            raise DataError(f"{source}: data file not found (looked for {location.uri}, storage root "
+                            f"{storage_root()}){hint}")
+        return location.read_text()
+    except StorageError as exc:
+        raise DataError(f"{source}: {exc}") from exc
+
+
+def write_text(path: str, text: str) -> str:
+    """Write a file to storage (same path forms as read_text); returns where it went."""
+    from cluster.storage import StorageError, locate
+
+    try:
+        location = locate(path)
+        location.write_text(text)
+    except StorageError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    return location.uri
+
+
+def write_jsonl(path: str | Path, conversations: Iterable[Conversation]) -> tuple[int, str]:
+    """OpenAI-messages JSONL to storage; returns (count, where)."""
+    lines = [json.dumps({"messages": messages}, ensure_ascii=False) for messages in conversations]
+    return len(lines), write_text(str(path), "".join(line + "\n" for line in lines))

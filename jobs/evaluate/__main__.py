@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.storage import StorageError, locate
 from jobs.evaluate import gsm8k
 from jobs.evaluate.runners import (
     EvaluationError,
@@ -51,7 +52,7 @@ def summarize(name: str, mode: str, replicas: int, tp: int, samples: list[dict],
 
 
 def compare(paths: list[str]) -> str:
-    rows = [json.loads(Path(p).read_text())["summary"] for p in paths]
+    rows = [json.loads(locate(p).read_text())["summary"] for p in paths]
     return markdown(rows, TABLE_COLUMNS)
 
 
@@ -119,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             connect(logging_level=logging.WARNING)
             on_gpu = cluster_has_gpus()
             mode, replicas, tp = args.mode, args.replicas, args.tensor_parallel
-            plan = OfflinePlan(model=resolve_model_path(args.model),
+            resolve_model_path(args.model, fetch=False)  # a bad model name or URI fails here, before any replica
+            plan = OfflinePlan(model=args.model,
                                dtype=args.dtype or ("bfloat16" if on_gpu else "float32"),
                                max_model_len=args.max_model_len, replicas=replicas, tensor_parallel_size=tp,
                                engine_kwargs={"enforce_eager": not on_gpu, **json.loads(args.engine_kwargs)},
                                cpus_per_replica=args.cpus_per_replica)
             generations, startup_s, wall_s = run_offline(plan, conversations, settings)
-    except (gsm8k.DatasetError, EvaluationError) as exc:
+    except (gsm8k.DatasetError, EvaluationError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -133,16 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or (f"{mode}{replicas}" if mode == "dp" else f"{mode}{tp}" if mode == "tp" else mode)
     summary = summarize(name, mode, replicas, tp, samples, startup_s, wall_s,
                         sum(g.output_tokens for g in generations), args.extract)
-    out = Path(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}-{name}")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w") as handle:
-        handle.writelines(json.dumps(sample) + "\n" for sample in samples)
-    (out / "results.json").write_text(json.dumps({"summary": summary, "model": args.model,
-                                                  "dataset": args.dataset, "settings": settings.model_dump(),
-                                                  "instruction": args.instruction}, indent=1))
+    # Storage (relative paths live under TUNESERVE_STORAGE), so that the results outlive the job's node.
+    out = locate(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}-{name}")
+    out.join("samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    out.join("results.json").write_text(json.dumps({"summary": summary, "model": args.model,
+                                                    "dataset": args.dataset, "settings": settings.model_dump(),
+                                                    "instruction": args.instruction}, indent=1))
     table = markdown([summary], TABLE_COLUMNS)
-    (out / "results.md").write_text(table + "\n")
-    print("\n" + table + f"\n\nwritten to {out}/")
+    out.join("results.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nwritten to {out.uri}/")
     return 0
 
 

@@ -13,10 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.storage import StorageError, locate, project_root
+
 INSTRUCTION = "Let's think step by step and output the final answer after \"####\"."
 # The shared copy beside the repository (override with TUNESERVE_GSM8K).
+# project_root(), not this file: under `ray job submit` the code runs from a copy in a temp dir.
 DEFAULT_GSM8K = Path(os.environ.get(
-    "TUNESERVE_GSM8K", Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
+    "TUNESERVE_GSM8K", project_root().parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
 
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -61,24 +64,27 @@ def extract_flexible(response: str) -> str | None:
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
     """Any JSONL whose lines hold `question` and `answer` (GSM8K's own format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
+    try:
+        location = locate(str(path))
+        if not location.is_file():
+            raise DatasetError(f"dataset file not found: {path} ({location.uri})")
+        text = location.read_text()
+    except StorageError as exc:
+        raise DatasetError(f"dataset {path}: {exc}") from exc
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
-                    or not isinstance(record.get("answer"), str):
-                raise DatasetError(f"{path}:{number}: each line needs string fields 'question' and 'answer'")
-            examples.append(Example(len(examples), record["question"], reference_answer(record["answer"])))
-            if limit is not None and len(examples) >= limit:
-                break
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
+                or not isinstance(record.get("answer"), str):
+            raise DatasetError(f"{path}:{number}: each line needs string fields 'question' and 'answer'")
+        examples.append(Example(len(examples), record["question"], reference_answer(record["answer"])))
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise DatasetError(f"{path}: no examples")
     return examples

@@ -51,6 +51,9 @@ class EngineReplica:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        from cluster.model_cache import resolve_model_path
+
+        model = resolve_model_path(model)  # on this replica's node: `default` or a storage URI, fetched here
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len,
                        tensor_parallel_size=tensor_parallel_size, **engine_kwargs)

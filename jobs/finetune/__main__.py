@@ -5,11 +5,16 @@ DeepSpeed ZeRO-2/3 or FSDP2 across the workers of `scaling`.
   ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/<recipe>.yaml
 
 Runs on the Ray cluster in RAY_ADDRESS, else on the local head (`python -m cluster.local up`), else on a
-Ray it starts for itself. Everything is checked (config keys, combinations, model folder, data files,
-tokenised size) before any worker starts. Output under <output.dir>/<output.name>/: checkpoints/,
-metrics.jsonl, chat_eval.jsonl, tensorboard/, and at the end adapter/ (PEFT) and merged/ (full HF
-model) for LoRA/QLoRA, or model/ for full fine-tuning. Re-running the same command resumes from the last
-checkpoint.
+Ray it starts for itself. Everything is checked (config keys, combinations, storage, model, data files,
+tokenised size) before any worker starts.
+
+Inputs and outputs live in storage (TUNESERVE_STORAGE: the project folder on one machine, s3:// or gs://
+on a cluster whose nodes share no disk): relative data paths and output.dir are read and written there.
+Output under <output.dir>/<output.name>/: checkpoint_*/, metrics.jsonl, chat_eval.jsonl, tensorboard/,
+attempts.jsonl (the nodes each worker group ran on and the step it resumed from), and at the end
+adapter/ (PEFT) and merged/ (full HF model) for LoRA/QLoRA, or model/ for full fine-tuning, and
+summary.json. Re-running the same command resumes from the last checkpoint in storage.
+`python -m jobs.export pull <output.name>` copies a run to this machine.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from cluster import storage
+from cluster.storage import Location
 from jobs.data.records import DataError, read_conversations
 from jobs.export.hf import ExportError, is_hf_model_folder, merge_adapter
 from jobs.finetune.config import (
@@ -61,19 +68,18 @@ def prepare_rows(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
 STATE_SHAPING = ("model", "lora", "quant", "strategy")
 
 
-def claim_run_dir(cfg: FinetuneConfig, run_dir: Path) -> None:
+def claim_run_dir(cfg: FinetuneConfig, run: Location) -> None:
     """A re-run with the same output.dir/output.name resumes, so it must be the same recipe (steps, data
     and learning rate may change; the model, method and sharding may not)."""
     shape = {key: getattr(cfg, key).model_dump() for key in STATE_SHAPING}
     shape["num_workers"] = cfg.scaling.num_workers
-    marker = run_dir / "recipe.json"
+    marker = run.join("recipe.json")
     if marker.is_file():
         before = json.loads(marker.read_text())
         changed = sorted(k for k in shape if before.get(k) != shape[k])
         if changed:
-            raise ConfigError(f"{run_dir} holds a run of a different recipe ({', '.join(changed)} changed), "
+            raise ConfigError(f"{run.uri} holds a run of a different recipe ({', '.join(changed)} changed), "
                               "which cannot resume from its checkpoints; choose another output.name or delete it")
-    run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(shape, indent=1))
 
 
@@ -92,7 +98,8 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     from cluster.model_cache import resolve_model_path
 
     check_supported(cfg)
-    model_path = resolve_model_path(cfg.model.path)
+    run = storage.check(cfg.run_location().uri)  # unreachable or wrong storage fails here, naming the URI
+    model_path = resolve_model_path(cfg.model.path)  # the driver's copy, for the tokenizer and the merge
     if not is_hf_model_folder(Path(model_path)):
         raise ConfigError(f"model.path {cfg.model.path!r}: not a Hugging Face model folder "
                           "(needs config.json and *.safetensors or *.bin)")
@@ -112,20 +119,22 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     check_dtype(cfg, use_gpu)
     dtype = resolved_dtype(cfg, use_gpu)
     if dry_run:
-        return {"data": data_stats, "total_steps": total_steps, "use_gpu": use_gpu, "dtype": dtype}
+        return {"data": data_stats, "total_steps": total_steps, "use_gpu": use_gpu, "dtype": dtype,
+                "run": run.uri}
 
-    run_dir = cfg.run_dir
-    claim_run_dir(cfg, run_dir)
-    plan = {"model_path": model_path, "dtype": dtype, "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch, "run_dir": str(run_dir)}
+    claim_run_dir(cfg, run)
+    # Workers get the model's reference, not the driver's folder: each node resolves it into its own cache.
+    plan = {"model": cfg.model.path, "dtype": dtype, "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch, "run_uri": run.uri}
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    parent = run.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "plan": plan, "rows": ray.put(rows)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.output.name, storage_path=str(run_dir.parent),
+                                     resources_per_worker=resources, placement_strategy=cfg.scaling.placement),
+        run_config=RunConfig(name=cfg.output.name, storage_path=parent, storage_filesystem=run.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              worker_runtime_env={"env_vars": worker_env(use_gpu)}),
@@ -135,21 +144,22 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     wall_s = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    drop_untracked_checkpoints(run_dir, [c.path for c, _ in result.best_checkpoints or []])
-    summary = finish(cfg, model_path, Path(result.checkpoint.path), run_dir, dtype)
+    drop_untracked_checkpoints(run, [c.path for c, _ in result.best_checkpoints or []])
+    summary = finish(cfg, model_path, run.at(result.checkpoint.path), run, dtype)
     summary.update({"wall_s": round(wall_s, 1), "total_steps": total_steps, "data": data_stats, "dtype": dtype,
-                    "use_gpu": use_gpu, "checkpoint": result.checkpoint.path})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+                    "use_gpu": use_gpu, "run": run.uri, "checkpoint": result.checkpoint.path})
+    run.join("summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def drop_untracked_checkpoints(run_dir: Path, kept: list[str]) -> None:
-    """Ray Train keeps the last `checkpoint.keep`, but leaves on disk the one a worker-group restart
+def drop_untracked_checkpoints(run: Location, kept: list[str]) -> None:
+    """Ray Train keeps the last `checkpoint.keep`, but leaves in storage the one a worker-group restart
     resumed from; remove every checkpoint folder it no longer tracks."""
-    kept_names = {Path(path).name for path in kept}
-    for folder in run_dir.glob("checkpoint_*"):
-        if folder.is_dir() and kept_names and folder.name not in kept_names:
-            shutil.rmtree(folder, ignore_errors=True)
+    kept_names = {path.rstrip("/").rsplit("/", 1)[-1] for path in kept}
+    for name in run.listdir():  # folders only: checkpoint_manager_snapshot.json is how a re-run resumes
+        folder = run.join(name)
+        if name.startswith("checkpoint_") and kept_names and name not in kept_names and folder.is_dir():
+            folder.delete()
 
 
 def _train_loop(loop_config: dict) -> None:
@@ -167,26 +177,35 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def finish(cfg: FinetuneConfig, model_path: str, checkpoint: Path, run_dir: Path, dtype: str) -> dict:
-    """Copy the final weights out of the last checkpoint; merge adapters into the base."""
+def finish(cfg: FinetuneConfig, model_path: str, checkpoint: Location, run: Location, dtype: str) -> dict:
+    """Copy the final weights out of the last checkpoint; merge adapters into the base (on the driver's
+    node, then into storage). Paths in the summary are local folders for local storage, else URIs."""
     out: dict = {}
-    final = run_dir / ("model" if cfg.model.method == "full" else "adapter")
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(checkpoint / "hf", final)
-    out["model" if cfg.model.method == "full" else "adapter"] = str(final)
+    kind = "model" if cfg.model.method == "full" else "adapter"
+    final = run.join(kind)
+    checkpoint.join("hf").copy_to(final)
+    out[kind] = final.path if final.is_local else final.uri
     if cfg.model.method != "full" and cfg.output.merge:
-        merged = merge_adapter(model_path, final, run_dir / "merged", cfg.output.merge_dtype or dtype)
-        out["merged"] = str(merged)
+        merged = run.join("merged")
+        with tempfile.TemporaryDirectory(prefix="tuneserve-merge-") as tmp:
+            adapter = Path(final.path) if final.is_local else final.download(Path(tmp) / "adapter")
+            target = Path(merged.path) if merged.is_local else Path(tmp) / "merged"
+            merge_adapter(model_path, adapter, target, cfg.output.merge_dtype or dtype)
+            if not merged.is_local:
+                merged.upload(target)
+        out["merged"] = merged.path if merged.is_local else merged.uri
     from jobs.finetune.loop import read_metrics
 
-    metrics = read_metrics(run_dir)
+    metrics = read_metrics(run)
     if metrics:
         out["first_loss"], out["final_loss"] = metrics[0]["loss"], metrics[-1]["loss"]
         speeds = [m["tokens_per_s"] for m in metrics[1:]] or [metrics[0]["tokens_per_s"]]
         out["tokens_per_s"] = round(sum(speeds) / len(speeds), 1)
         if "peak_mem_gib" in metrics[-1]:
             out["peak_mem_gib"] = max(m.get("peak_mem_gib", 0) for m in metrics)
+    attempts = run.join("attempts.jsonl")
+    if attempts.is_file():
+        out["attempts"] = [json.loads(line) for line in attempts.read_text().splitlines() if line]
     return out
 
 
@@ -202,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run(cfg, dry_run=args.dry_run)
-    except (ConfigError, DataError, ExportError) as exc:
+    except (ConfigError, DataError, ExportError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

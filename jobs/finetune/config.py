@@ -81,6 +81,9 @@ class ScalingSection(Strict):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    # Ray Train's placement strategy for the workers: PACK fills a node first; SPREAD puts them on
+    # different nodes (one failure domain each).
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 class CheckpointSection(Strict):
@@ -98,7 +101,9 @@ class MonitorSection(Strict):
 
 
 class OutputSection(Strict):
-    dir: str = "runs/finetune"  # storage: <dir>/<name>/ holds checkpoints, metrics, final model
+    # <dir>/<name>/ holds checkpoints, metrics, final model. A storage path: relative paths live under
+    # TUNESERVE_STORAGE (the project folder on one machine; s3://, gs:// on a cluster), URIs as given.
+    dir: str = "runs/finetune"
     name: str = "run"
     merge: bool = True  # also write a merged full model for adapter methods
     merge_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the training dtype
@@ -117,9 +122,11 @@ class FinetuneConfig(Strict):
     monitor: MonitorSection = MonitorSection()
     output: OutputSection = OutputSection()
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output.dir).expanduser().resolve() / self.output.name
+    def run_location(self):
+        """The run's folder in storage (cluster/storage.py)."""
+        from cluster.storage import locate
+
+        return locate(self.output.dir).join(self.output.name)
 
 
 # method x strategy combinations we support, with the reason for each one we do not.

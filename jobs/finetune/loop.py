@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from cluster.storage import Location, locate
 from jobs.data.tokenize import Example, collate
 from jobs.finetune.config import FinetuneConfig
 
@@ -50,46 +51,91 @@ def chat_eval(model, tokenizer, prompts: list[str], max_tokens: int, device: tor
     return answers
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-step lines MetricsSink wrote to <run_dir>/metrics.jsonl, in order."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+def read_metrics(run: Location | str | Path) -> list[dict]:
+    """The per-step lines MetricsSink wrote to <run>/metrics.jsonl, in order."""
+    run = run if isinstance(run, Location) else locate(str(run))
+    return [json.loads(line) for line in run.join("metrics.jsonl").read_text().splitlines() if line]
 
 
 class MetricsSink:
-    """Rank 0: a JSONL line per logged step, TensorBoard scalars, and the chat answers."""
+    """Rank 0: a JSONL line per logged step, TensorBoard scalars, and the chat answers, kept in storage.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = (run_dir / "metrics.jsonl").open("a")
-        self.chat = (run_dir / "chat_eval.jsonl").open("a")
+    Object stores cannot append, so each file is rewritten whole after each line (they stay small). A
+    resumed run keeps the lines up to the step it resumed from. TensorBoard writes to a local folder that
+    is uploaded at each checkpoint and at the end (in place when the storage is local)."""
+
+    def __init__(self, run: Location, tensorboard: bool, start_step: int):
+        self.run = run
+        self.lines = {name: [line for line in self._existing(name) if line["step"] <= start_step]
+                      for name in ("metrics.jsonl", "chat_eval.jsonl")}
         self.writer = None
+        self._tb_local = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
             else:
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                if run.is_local:
+                    folder = Path(run.join("tensorboard").path)
+                else:
+                    self._tb_local = tempfile.TemporaryDirectory(prefix="tuneserve-tb-")
+                    folder = Path(self._tb_local.name)
+                    if run.join("tensorboard").exists():  # earlier attempts' event files
+                        run.join("tensorboard").download(folder)
+                self.writer = SummaryWriter(str(folder))
+
+    def _existing(self, name: str) -> list[dict]:
+        target = self.run.join(name)
+        return [json.loads(line) for line in target.read_text().splitlines() if line] if target.is_file() else []
+
+    def _append(self, name: str, line: dict) -> None:
+        self.lines[name].append(line)
+        self.run.join(name).write_text("".join(json.dumps(item) + "\n" for item in self.lines[name]))
 
     def log(self, step: int, values: dict) -> None:
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
+        self._append("metrics.jsonl", {"step": step, **values})
         if self.writer:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}", value, step)
 
     def log_chat(self, step: int, answers: list[dict]) -> None:
-        self.chat.write(json.dumps({"step": step, "answers": answers}) + "\n")
-        self.chat.flush()
+        self._append("chat_eval.jsonl", {"step": step, "answers": answers})
         if self.writer:
             self.writer.add_text("chat_eval", "\n\n".join(f"**{a['prompt']}** {a['answer']}" for a in answers), step)
 
+    def sync(self) -> None:
+        """Push TensorBoard's local files to storage (at checkpoints and at the end)."""
+        if self.writer:
+            self.writer.flush()
+            if self._tb_local is not None:
+                self.run.join("tensorboard").upload(Path(self._tb_local.name))
+
     def close(self) -> None:
-        self.metrics.close()
-        self.chat.close()
+        self.sync()
         if self.writer:
             self.writer.close()
+        if self._tb_local is not None:
+            self._tb_local.cleanup()
+
+
+def record_attempt(run: Location, start_step: int, world: int) -> None:
+    """Every rank's node IP, gathered to rank 0 and appended to <run>/attempts.jsonl: where this worker
+    group ran and the step it started from (0, or the checkpoint it resumed)."""
+    import ray.util
+
+    ip = ray.util.get_node_ip_address()
+    ips = [None] * world
+    if world > 1:
+        dist.all_gather_object(ips, ip)
+    else:
+        ips = [ip]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    target = run.join("attempts.jsonl")
+    before = target.read_text() if target.is_file() else ""
+    target.write_text(before + json.dumps({"start_step": start_step, "node_ips": ips, "time": time.time()}) + "\n")
 
 
 def train_loop(loop_config: dict) -> None:
@@ -114,8 +160,11 @@ def train_loop(loop_config: dict) -> None:
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
 
-    tokenizer = AutoTokenizer.from_pretrained(plan["model_path"])
-    model = build_model(cfg, plan["model_path"], plan["dtype"], device)
+    from cluster.model_cache import resolve_model_path
+
+    model_path = resolve_model_path(plan["model"])  # this node's copy: nodes share no disk
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = build_model(cfg, model_path, plan["dtype"], device)
     model.train()
     total_steps, steps_per_epoch = plan["total_steps"], plan["steps_per_epoch"]
     strategy = build_strategy(cfg, model, device, total_steps)
@@ -128,8 +177,9 @@ def train_loop(loop_config: dict) -> None:
             start_step = json.loads((Path(folder) / "progress.json").read_text())["step"]
         log.info("resumed from step %d", start_step)
 
-    run_dir = Path(plan["run_dir"])
-    sink = MetricsSink(run_dir, cfg.monitor.tensorboard) if rank == 0 else None
+    run = locate(plan["run_uri"])
+    record_attempt(run, start_step, world)
+    sink = MetricsSink(run, cfg.monitor.tensorboard, start_step) if rank == 0 else None
     micro = cfg.train.micro_batch_size
     per_worker = steps_per_epoch * cfg.train.grad_accum * micro
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -187,6 +237,8 @@ def train_loop(loop_config: dict) -> None:
                     for a in answers:
                         log.info("chat eval step %d | %s -> %s", step, a["prompt"], a["answer"])
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+                if rank == 0:
+                    sink.sync()
                 report_checkpoint(strategy, step, {"loss": stats[0].item() / world}, rank, tokenizer,
                                   final=step == total_steps)
     if rank == 0:
