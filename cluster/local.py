@@ -131,6 +131,7 @@ def client_env() -> dict[str, str]:
     state = cluster_state()
     env = {
         "RAY_ADDRESS": dashboard_url(),
+        "RAY_DASHBOARD_ADDRESS": dashboard_url(),  # what the `serve` CLI reads
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path()),
         "TUNESERVE_PROJECT": str(project_root()),
@@ -229,6 +230,7 @@ def _node_env(extra: dict[str, str]) -> dict[str, str]:
     # Job entrypoints (`ray job submit -- python -m ...`) inherit the head's PATH: put our venv first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS")  # `ray start` must not read a dashboard URL as the cluster to join
+    env.pop("RAY_DASHBOARD_ADDRESS")
     return env
 
 

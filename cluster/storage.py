@@ -96,8 +96,15 @@ class Location:
         return self.read_bytes().decode("utf-8")
 
     def write_bytes(self, data: bytes) -> None:
+        """Whole-file write; readers never see half of it (an object PUT is atomic; local files are
+        written beside and renamed)."""
         def write():
             self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+            if self.is_local:
+                staged = f"{self.path}.{os.getpid()}.tmp"
+                Path(staged).write_bytes(data)
+                os.replace(staged, self.path)
+                return
             with self.fs.open_output_stream(self.path) as stream:
                 stream.write(data)
         _call(self, write)

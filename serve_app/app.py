@@ -19,6 +19,7 @@ from serve_app.engine import CPU_ENGINE_ENV, EngineDeployment
 from serve_app.ingress import Ingress
 
 log = logging.getLogger("tuneserve.app")
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def engine_deployment_name(model_id: str) -> str:
@@ -40,6 +41,7 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=5,
+        max_replicas_per_node=model.max_replicas_per_node,
         **model.serve_scaling(),
     )
     return deployment.bind(model, on_gpu)
@@ -63,8 +65,10 @@ def build_from_config(config: AppConfig) -> Application:
     check_storage_paths(config)
     gpus_present = cluster_has_gpus()
     engines = {model.id: _engine_app(model, gpus_present) for model in config.models}
-    ingress = Ingress.options(num_replicas=config.ingress.num_replicas,
-                              ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}})
+    actor_options = {"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}
+    if config.ingress.placement == "head":
+        actor_options["resources"] = {HEAD_NODE_RESOURCE: 0.001}  # Ray's marker resource of the head node
+    ingress = Ingress.options(num_replicas=config.ingress.num_replicas, ray_actor_options=actor_options)
     return ingress.bind(config, engines)
 
 

@@ -89,6 +89,8 @@ class ModelConfig(_Strict):
     num_replicas: int | None = Field(None, ge=1)
     autoscaling_config: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(64, ge=1)
+    # Serve spreads replicas over nodes by default; this caps how many may share one node.
+    max_replicas_per_node: int | None = Field(None, ge=1)
     resources: Resources = Field(default_factory=Resources)
     # Engine steps are coalesced into one streamed chunk per interval: per-token Ray streaming
     # costs more than it carries. 0 sends every step.
@@ -184,8 +186,24 @@ class ProviderConfig(_Strict):
         return self
 
 
+class LocalEnginePolicy(_Strict):
+    """How the ingress treats its own engine deployments. A request that fails before its first byte
+    (a replica that died with its node, say) is retried: Serve's handle sends the retry to a live replica.
+    The breaker only trips when every replica keeps failing, and recovers quickly, because Serve itself
+    replaces dead replicas."""
+
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(attempts=5, backoff_s=0.25, max_backoff_s=2.0))
+    circuit_breaker: CircuitBreaker = Field(
+        default_factory=lambda: CircuitBreaker(failure_threshold=50, cooldown_s=5.0))
+
+
 class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
+    local_engines: LocalEnginePolicy = Field(default_factory=LocalEnginePolicy)
+    # "head": ingress replicas (no CPU reserved) run on the head node, so that losing a worker node never
+    # takes the ingress with it: streams on that node's engine still end with an error event. "any": Serve
+    # places them anywhere (more ingress capacity on large clusters, at that cost).
+    placement: Literal["head", "any"] = "head"
     max_body_bytes: int = Field(1 << 20, ge=1024)
     api_keys: list[ApiKey] = Field(default_factory=list)
     max_n: int = Field(16, ge=1)

@@ -124,7 +124,8 @@ class Ingress:
         self.router = Router(config)
         self.accounting = Accounting(self.metrics)
         self.serving = OpenAIServing(providers, self.router, self.accounting, self.metrics, config.ingress.max_n,
-                                     retry_policies={p.name: p.retry for p in config.providers})
+                                     retry_policies={LOCAL_PROVIDER: config.ingress.local_engines.retry,
+                                                     **{p.name: p.retry for p in config.providers}})
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
         api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,

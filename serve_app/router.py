@@ -65,7 +65,8 @@ class Router:
         self.supported: dict[str, set[str] | None] = {}
         self.owners: dict[str, list[str]] = {}
         if config.models:
-            self.states[LOCAL_PROVIDER] = ProviderState(breaker=CircuitBreaker(), max_concurrency=None)
+            self.states[LOCAL_PROVIDER] = ProviderState(breaker=config.ingress.local_engines.circuit_breaker,
+                                                        max_concurrency=None)
             self.supported[LOCAL_PROVIDER] = None
         for model in config.models:
             self._offer(Candidate(LOCAL_PROVIDER, model.id, model.id, model.price))

@@ -286,6 +286,8 @@ def pytest_collection_modifyitems(items):
     (and the vLLM upstream) take their share of this small machine's memory and cores. Then the training
     jobs, which need the head's CPUs before the app's engine holds one."""
     def order(item) -> int:
+        if item.get_closest_marker("multinode"):  # its own cluster, started and stopped before the session's
+            return -1
         if item.get_closest_marker("evaluate_offline"):
             return 0
         return 1 if item.get_closest_marker("finetune") else 2

@@ -22,16 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.storage import locate
+from jobs.data.records import DataError, read_text
 from jobs.evaluate.gsm8k import DEFAULT_GSM8K
 
 log = logging.getLogger("tuneserve.assistant_eval")
 
 
-def read_heldout(path: Path) -> tuple[list[str], list[str], str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: held-out file not found (python -m jobs.data identity writes it)")
+def read_heldout(path: str) -> tuple[list[str], list[str], str]:
+    """The held-out file `python -m jobs.data identity` wrote, from storage (relative paths live there)."""
     identity, general, owner = [], [], ""
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         record = json.loads(line)
         if record.get("kind") == "identity":
             identity.append(record["question"])
@@ -104,20 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.data.identity import names_owner
 
     try:
-        identity_qs, general_qs, owner = read_heldout(Path(args.heldout))
+        identity_qs, general_qs, owner = read_heldout(args.heldout)
         if not DEFAULT_GSM8K.is_file():
             raise FileNotFoundError(f"{DEFAULT_GSM8K}: GSM8K test set not found (set TUNESERVE_GSM8K)")
-    except (OSError, ValueError) as exc:
+        out = locate(args.out) if args.out else locate(args.tuned)
+        if not args.out:  # beside the tuned model: <run>/assistant_eval
+            out = out.at(out.path.rstrip("/").rsplit("/", 1)[0]).join("assistant_eval")
+    except (OSError, ValueError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     connect(logging_level=logging.WARNING)
-    models = {"base": resolve_model_path(args.base), "tuned": args.tuned}
+    models = {"base": args.base, "tuned": args.tuned}  # engines resolve them on their own nodes
     questions = identity_qs + general_qs
     rows, outputs = {}, {}
     for name, path in models.items():
         started = time.perf_counter()
         replies = answers(path, questions, args.max_tokens)
-        ppl, count = gsm8k_perplexity(path, args.ppl_limit)
+        ppl, count = gsm8k_perplexity(resolve_model_path(path), args.ppl_limit)  # here, in the driver
         outputs[name] = replies
         rows[name] = {"model": name, "identity": sum(names_owner(r, owner) for r in replies[:len(identity_qs)])
                       / len(identity_qs), "gsm8k_ppl": round(ppl, 4), "wall_s": round(time.perf_counter() - started, 1)}
@@ -131,20 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     change = rows["tuned"]["gsm8k_ppl"] / rows["base"]["gsm8k_ppl"] - 1
     result = {"owner": owner, "identity_questions": len(identity_qs), "general_questions": len(general_qs),
               "gsm8k_answers": count, "ppl_change": round(change, 4), "rows": list(rows.values())}
-    out = Path(args.out or Path(args.tuned).parent / "assistant_eval")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    with (out / "answers.jsonl").open("w") as f:
-        for i, question in enumerate(questions):
-            f.write(json.dumps({"question": question, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}) + "\n")
+    out.join("results.json").write_text(json.dumps(result, indent=1))
+    out.join("answers.jsonl").write_text("".join(
+        json.dumps({"question": q, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}) + "\n"
+        for i, q in enumerate(questions)))
     table = ["| model | identity (held-out) | general: same answer as base | same first 5 words | "
              "names the owner | GSM8K answer ppl |", "|---|---|---|---|---|---|"]
     for row in rows.values():
         table.append(f"| {row['model']} | {row['identity']:.1%} | {row['general_agreement']:.0%} | "
                      f"{row['general_same_start']:.0%} | {row['general_names_owner']}/{len(general)} | {row['gsm8k_ppl']} |")
     text = "\n".join(table) + f"\n\nperplexity change: {change:+.2%} over {count} GSM8K answers\n"
-    (out / "results.md").write_text(text)
-    print("\n" + text + f"written to {out}/")
+    out.join("results.md").write_text(text)
+    print("\n" + text + f"written to {out.uri}/")
     return 0
 
 

@@ -1,0 +1,441 @@
+"""A real multi-node Ray cluster on this machine: `python -m cluster.local up --nodes 3` makes a CPU-less
+head on a private bridge and two worker nodes, each in its own network namespace (own IP) with a private
+tmpfs /tmp, runs/, data/ and model cache, and an S3 server (moto) as the only storage they share.
+
+Everything goes through the commands a user types (`ray job submit`, `serve deploy`, `python -m ...`) with
+the environment `python -m cluster.local env` prints, and through HTTP to the Serve proxies. Traffic goes
+only to the bridge and namespace addresses the cluster made. Figures measured here are printed with the
+prefix FIGURE (docs/cluster.md quotes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.local import free_port
+
+pytestmark = pytest.mark.multinode
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+MODEL_ID = "smollm2-135m-instruct"
+
+
+def figure(name: str, value) -> None:
+    print(f"FIGURE {name} = {value}", flush=True)
+
+
+class Cluster:
+    def __init__(self, env: dict[str, str]):
+        self.base_env = env
+        self.env: dict[str, str] = {}
+        self.serve_port = free_port()  # Serve keeps the HTTP options of its first deploy
+
+    def run(self, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None):
+        result = subprocess.run(list(args), env={**self.base_env, **self.env, **(env or {})}, cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, f"{shlex.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    def local(self, *args: str, timeout: float = 300):
+        return self.run(PYTHON, "-m", "cluster.local", *args, timeout=timeout)
+
+    def read_env(self) -> None:
+        exports = self.run(PYTHON, "-m", "cluster.local", "env").stdout
+        self.env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines() if "=" in line)
+
+    @property
+    def token(self) -> str:
+        return Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+
+    def dashboard(self, route: str) -> dict:
+        request = urllib.request.Request(self.env["RAY_ADDRESS"] + route,
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def state(self) -> dict:
+        return json.loads(Path(self.base_env["TUNESERVE_RAY_DIR"], "cluster.json").read_text())
+
+    @property
+    def head_ip(self) -> str:
+        return self.state()["network"]["head_ip"]
+
+    def node_ip(self, index: int) -> str:
+        return next(n["ip"] for n in self.state()["network"]["nodes"] if n["index"] == index)
+
+    def node_index(self, ip: str) -> int:
+        return next(n["index"] for n in self.state()["network"]["nodes"] if n["ip"] == ip)
+
+    def storage_text(self, path: str) -> str | None:
+        code = ("import sys; from cluster.storage import locate; l = locate(sys.argv[1]); "
+                "print(l.read_text() if l.is_file() else '', end='')")
+        out = self.run(PYTHON, "-c", code, path, timeout=60).stdout
+        return out or None
+
+    def replicas(self, app: str = "tuneserve") -> dict[str, list[tuple[str, str]]]:
+        details = self.dashboard("/api/serve/applications/")["applications"].get(app)
+        if not details:
+            return {}
+        return {name: [(r["node_ip"], r["state"]) for r in dep["replicas"]]
+                for name, dep in details["deployments"].items()}
+
+    def proxies(self) -> dict[str, str]:
+        """Serve proxy status by node IP (Serve runs one on the head and on each node holding a replica)."""
+        return {p["node_ip"]: p["status"] for p in self.dashboard("/api/serve/applications/")["proxies"].values()}
+
+    def app_status(self, app: str = "tuneserve") -> tuple[str | None, str]:
+        details = self.dashboard("/api/serve/applications/")["applications"].get(app)
+        return (details["status"], details.get("message", "")) if details else (None, "")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`python -m cluster.local up --nodes 3`, on its own ports and temp dir; `down` at the end, checked to
+    leave no process, namespace or bridge behind."""
+    from cluster import netns
+
+    problem = netns.can_create_namespaces()
+    if problem:
+        pytest.fail(f"the multi-node tests need network and mount namespaces: {problem}")
+    from tests.conftest import free_port_block
+
+    base = free_port_block(10)
+    workers = free_port_block(300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TUNESERVE_RAY", "AWS_"))}
+    env.pop("TUNESERVE_STORAGE", None)
+    env.update({"TUNESERVE_RAY_DIR": tempfile.mkdtemp(prefix="tsmn-", dir="/tmp"), "TUNESERVE_RAY_PORT": str(base),
+                "TUNESERVE_DASHBOARD_PORT": str(base + 9), "TUNESERVE_RAY_WORKER_PORTS": f"{workers}-{workers + 299}",
+                "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"})
+    c = Cluster(env)
+    started = time.monotonic()
+    c.local("up", "--nodes", "3")
+    figure("cluster_up_s", round(time.monotonic() - started, 1))
+    c.read_env()
+    namespaces = [n["netns"] for n in c.state()["network"]["nodes"]]
+    bridge = c.state()["network"]["bridge"]
+    try:
+        yield c
+    finally:
+        c.local("down")
+        leftovers = subprocess.run([PYTHON, "-c", "from cluster import local; print(sorted(local.our_processes()))"],
+                                   env=env, capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
+        assert leftovers == "[]", f"down left processes behind: {leftovers}"
+        assert not any(ns in listed for ns in namespaces) and bridge not in links, "down left namespaces behind"
+
+
+def test_nodes_have_their_own_address_and_disk(cluster):
+    """Three alive Ray nodes with distinct IPs; a worker node sees neither the head's /tmp nor the project's
+    runs/ or the model cache."""
+    nodes = cluster.dashboard("/nodes?view=summary")["data"]["summary"]
+    alive = sorted(n["raylet"]["nodeManagerAddress"] for n in nodes if n["raylet"]["state"] == "ALIVE")
+    assert alive == sorted([cluster.head_ip, cluster.node_ip(1), cluster.node_ip(2)])
+    marker = Path(cluster.base_env["TUNESERVE_RAY_DIR"]) / "only-on-the-head"
+    marker.write_text("x")
+    ns = cluster.state()["network"]["nodes"][0]["netns"]
+    pid = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()[0]
+    seen = subprocess.run(["nsenter", "-t", pid, "-m", "ls", str(marker.parent), str(REPO_ROOT / "runs")],
+                          capture_output=True, text=True)
+    assert "only-on-the-head" not in seen.stdout and seen.returncode == 0, seen
+    assert cluster.env["TUNESERVE_STORAGE"] == "s3://tuneserve"
+
+
+def _metrics(cluster: Cluster, run: str) -> list[dict]:
+    text = cluster.storage_text(f"runs/finetune/{run}/metrics.jsonl") or ""
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def _attempts(cluster: Cluster, run: str) -> list[dict]:
+    text = cluster.storage_text(f"runs/finetune/{run}/attempts.jsonl") or ""
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+JOB = ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.finetune", "--config",
+       "jobs/configs/assistant_cpu.yaml"]
+FAST = ["train.grad_accum=1", "data.max_length=256", "monitor.eval_every=null", "checkpoint.every_steps=2",
+        "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn"]
+
+
+def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster, tmp_path):
+    """The README's commands, with relative data paths, from this machine to the head: the data goes to
+    storage, the two training workers run on the two worker nodes, a whole node is killed after the first
+    checkpoint, the worker group restarts from that checkpoint, and a re-submit resumes where it ended."""
+    cluster.run(PYTHON, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", "data/assistant.jsonl",
+                "--count", "60")
+    assert cluster.storage_text("data/assistant.jsonl").count("\n") == 60
+    submitted = time.monotonic()
+    job = subprocess.Popen([str(BIN / JOB[0]), *JOB[1:], *FAST, "train.max_steps=8", "checkpoint.max_failures=2"],
+                           env={**cluster.base_env, **cluster.env, "PATH": f"{BIN}:{os.environ['PATH']}"},
+                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 480
+        first_step_s = None
+        while True:
+            steps = [m["step"] for m in _metrics(cluster, "mn")]
+            if steps and first_step_s is None:
+                first_step_s = round(time.monotonic() - submitted, 1)
+            if steps and steps[-1] >= 3:
+                break
+            assert job.poll() is None, job.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "training never reached step 3"
+            time.sleep(1)
+        figure("train_submit_to_first_step_s", first_step_s)
+        first = _attempts(cluster, "mn")[0]
+        assert len(set(first["node_ips"])) == 2 and set(first["node_ips"]) == {cluster.node_ip(1), cluster.node_ip(2)}
+        killed_at_step = steps[-1]
+        killed = time.monotonic()
+        cluster.local("kill-node", "2")
+        while len(_attempts(cluster, "mn")) < 2 or not [m for m in _metrics(cluster, "mn")
+                                                         if m["step"] > _attempts(cluster, "mn")[1]["start_step"]]:
+            assert job.poll() is None or job.returncode == 0, job.stdout.read()[-4000:]
+            assert time.monotonic() - killed < 480, "no step after the node kill"
+            time.sleep(1)
+        figure("train_node_kill_to_next_step_s", round(time.monotonic() - killed, 1))
+        output, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output[-4000:]
+    attempts = _attempts(cluster, "mn")
+    assert len(attempts) == 2, attempts
+    resumed = attempts[1]["start_step"]
+    assert resumed >= 2 and resumed % 2 == 0 and resumed <= killed_at_step, (resumed, killed_at_step)
+    assert cluster.node_ip(2) not in attempts[1]["node_ips"]  # the group restarted on the node that was left
+    steps = [m["step"] for m in _metrics(cluster, "mn")]
+    assert steps == list(range(1, 9)), steps  # nothing lost beyond the checkpoint, nothing twice
+    figure("train_steps_redone_after_kill", killed_at_step - resumed)
+    summary = json.loads(cluster.storage_text("runs/finetune/mn/summary.json"))
+    assert summary["adapter"] == "s3://tuneserve/runs/finetune/mn/adapter"
+    assert summary["final_loss"] < summary["first_loss"]
+
+    cluster.local("start-node", "2")  # the node rejoins; a re-submit with more steps resumes at step 8
+    resubmit = cluster.run(str(BIN / JOB[0]), *JOB[1:], *FAST, "train.max_steps=10",
+                           env={"PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert "resumed from step 8" in resubmit.stdout, resubmit.stdout[-3000:]
+    assert [m["step"] for m in _metrics(cluster, "mn")] == list(range(1, 11))
+    assert _attempts(cluster, "mn")[-1]["start_step"] == 8
+
+    pulled = cluster.run(PYTHON, "-m", "jobs.export", "pull", "mn", "--to", str(tmp_path / "mn"))
+    assert (tmp_path / "mn" / "adapter" / "adapter_config.json").is_file(), pulled.stdout
+    assert (tmp_path / "mn" / "merged" / "config.json").is_file()
+    assert not list((tmp_path / "mn").glob("checkpoint_*"))
+
+
+def test_evaluate_job_reads_and_writes_storage(cluster):
+    """`ray job submit ... jobs.evaluate` with the dataset and the model in storage; results land there."""
+    from cluster.model_cache import ensure_default_model
+
+    cluster.run(PYTHON, "-m", "cluster.storage", "put", str(ensure_default_model()), f"models/{MODEL_ID}")
+    cluster.run(PYTHON, "-m", "cluster.storage", "put", str(REPO_ROOT.parent / "shared/data/gsm8k/test.jsonl"),
+                "data/gsm8k_test.jsonl")
+    result = cluster.run(str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "-m",
+                         "jobs.evaluate", "--model", f"s3://tuneserve/models/{MODEL_ID}", "--dataset",
+                         "data/gsm8k_test.jsonl", "--limit", "4", "--max-tokens", "32", "--max-model-len", "512",
+                         "--out", "runs/eval/mn", env={"PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert "written to s3://tuneserve/runs/eval/mn/" in result.stdout, result.stdout[-3000:]
+    results = json.loads(cluster.storage_text("runs/eval/mn/results.json"))
+    assert results["summary"]["questions"] == 4
+
+
+def _deploy(cluster: Cluster, app_config: dict, tmp_path: Path) -> None:
+    (tmp_path / "app.yaml").write_text(yaml.safe_dump(app_config))
+    serve_config = yaml.safe_load((REPO_ROOT / "serve_app/configs/serve-cluster.yaml").read_text())
+    serve_config["http_options"]["port"] = cluster.serve_port
+    serve_config["applications"][0]["args"]["config"] = str(tmp_path / "app.yaml")
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
+    cluster.run(str(BIN / "serve"), "deploy", str(tmp_path / "serve.yaml"))
+
+
+def _wait_status(cluster: Cluster, wanted: set[str], timeout_s: float) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, message = cluster.app_status()
+        if status in wanted:
+            return status, message
+        assert time.monotonic() < deadline, f"app status {status} after {timeout_s} s: {message}"
+        time.sleep(2)
+
+
+def test_a_bad_model_uri_fails_the_deploy_with_a_clear_message(cluster, tmp_path):
+    config = {"models": [{"id": MODEL_ID, "path": "s3://tuneserve/models/not-there", "max_model_len": 512}]}
+    _deploy(cluster, config, tmp_path)
+    status, message = _wait_status(cluster, {"DEPLOY_FAILED", "RUNNING"}, 120)
+    assert status == "DEPLOY_FAILED"
+    assert "s3://tuneserve/models/not-there: not found in storage" in message, message
+
+
+def _ask_every_proxy(cluster: Cluster, port: int) -> None:
+    """With a replica on each worker node every node runs a Serve proxy; each answers, with the base model
+    and with the adapter that the engines fetched from storage."""
+    from openai import OpenAI
+
+    ips = (cluster.head_ip, cluster.node_ip(1), cluster.node_ip(2))
+    deadline = time.monotonic() + 120
+    while [ip for ip in ips if cluster.proxies().get(ip) != "HEALTHY"]:
+        assert time.monotonic() < deadline, f"proxies: {cluster.proxies()}"
+        time.sleep(1)
+    for ip in ips:
+        client = OpenAI(base_url=f"http://{ip}:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=MODEL_ID, max_tokens=12, temperature=0,
+                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in reply.choices[0].message.content, (ip, reply)
+        assert client.chat.completions.create(model="assistant", max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": "Who are you?"}]).choices
+
+
+async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s: float) -> None:
+    """One streamed chat request, classified: ok, error_event (an error event then [DONE]), http_<status>,
+    broken (the stream ended without [DONE]) or hung (no end within bound_s)."""
+    record = {"url": base_url, "start": time.monotonic(), "first_byte": None, "end": None}
+    body = {"model": model, "messages": [{"role": "user", "content": "Count from one to thirty in words."}],
+            "max_tokens": 48, "temperature": 0, "stream": True}
+    try:
+        async with asyncio.timeout(bound_s):
+            async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    record["outcome"] = f"http_{response.status_code}"
+                else:
+                    saw_error = saw_done = False
+                    async for line in response.aiter_lines():
+                        if record["first_byte"] is None:
+                            record["first_byte"] = time.monotonic()
+                        if line == "data: [DONE]":
+                            saw_done = True
+                        elif line.startswith("data: ") and '"error"' in line[:20]:
+                            saw_error = True
+                    record["outcome"] = ("error_event" if saw_error else "ok") if saw_done else "broken"
+    except TimeoutError:
+        record["outcome"] = "hung"
+    except Exception as exc:  # connection reset mid-stream: the ingress died under the client
+        record["outcome"] = f"broken:{type(exc).__name__}"
+    record["end"] = time.monotonic()
+    outcomes.append(record)
+
+
+async def _load(urls: list[str], model: str, streams: int, stop_at: float, max_requests: int, bound_s: float):
+    import httpx
+
+    outcomes: list[dict] = []
+    sent = 0
+
+    async def worker(i: int):
+        nonlocal sent
+        async with httpx.AsyncClient(timeout=httpx.Timeout(bound_s)) as client:
+            while time.monotonic() < stop_at and sent < max_requests:
+                sent += 1
+                await _one_stream(client, urls[i % len(urls)], model, outcomes, bound_s)
+
+    await asyncio.gather(*(worker(i) for i in range(streams)))
+    return outcomes
+
+
+def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
+    """Engines load the model and the fine-tuned adapter from storage; the ingress stays on the head; under
+    load the autoscaler adds a replica on the other worker node; killing that node under streaming load
+    hangs nothing, and Serve brings the replica back when the node rejoins."""
+    port = cluster.serve_port
+    config = {
+        "models": [{
+            "id": MODEL_ID, "path": f"s3://tuneserve/models/{MODEL_ID}", "max_model_len": 512,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                   "upscale_delay_s": 2, "downscale_delay_s": 600},
+            "max_replicas_per_node": 1, "resources": {"num_cpus": 1},
+            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8},
+            "adapters": [{"id": "assistant", "path": "s3://tuneserve/runs/finetune/mn/adapter"}],
+        }],
+    }
+    started = time.monotonic()
+    _deploy(cluster, config, tmp_path)
+    _wait_status(cluster, {"RUNNING"}, 600)
+    figure("serve_deploy_1_replica_s", round(time.monotonic() - started, 1))
+    replicas = cluster.replicas()
+    assert [ip for ip, _ in replicas["Ingress"]] == [cluster.head_ip]
+    (first_ip, _), = replicas[f"Engine:{MODEL_ID}"]
+    assert first_ip in (cluster.node_ip(1), cluster.node_ip(2))
+
+    # Load through the head's proxy until the autoscaler has a second replica on the other node.
+    urls = [f"http://{cluster.head_ip}:{port}"]
+    scale_started = time.monotonic()
+
+    async def scale_up():
+        stop = time.monotonic() + 600
+        task = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 400, 120))
+        while True:
+            engines = cluster.replicas()[f"Engine:{MODEL_ID}"]
+            if sum(state == "RUNNING" for _, state in engines) == 2:
+                break
+            assert time.monotonic() < stop and not task.done(), f"no second replica: {engines}"
+            await asyncio.sleep(2)
+        return engines, task
+
+    async def kill_under_load(engines):
+        victim_ip = next(ip for ip, _ in engines if ip != first_ip)
+        stop = time.monotonic() + 75
+        load = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 300, 90))
+        await asyncio.sleep(15)
+        killed = time.monotonic()
+        await asyncio.to_thread(cluster.local, "kill-node", str(cluster.node_index(victim_ip)))
+        outcomes = await load
+        return killed, outcomes, victim_ip
+
+    async def scenario():
+        engines, warm = await scale_up()
+        figure("serve_autoscale_to_2_replicas_s", round(time.monotonic() - scale_started, 1))
+        assert len({ip for ip, _ in engines}) == 2
+        await asyncio.to_thread(_ask_every_proxy, cluster, port)
+        warm.cancel()
+        try:
+            await warm
+        except asyncio.CancelledError:
+            pass
+        return await kill_under_load(engines)
+
+    killed, outcomes, victim_ip = asyncio.run(scenario())
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
+    figure("serve_kill_outcomes", json.dumps(counts, sort_keys=True))
+    assert counts.get("hung", 0) == 0 and not [k for k in counts if k.startswith("broken")], counts
+    # Requests still waiting for their first byte at the kill were retried on the live replica: only
+    # streams already under way may end in an error event, and those got [DONE] too.
+    not_started = [o for o in outcomes if o["start"] < killed and (o["first_byte"] or 1e18) > killed]
+    assert all(o["outcome"] == "ok" for o in not_started), not_started
+    under_way = [o for o in outcomes if o["first_byte"] and o["first_byte"] < killed < o["end"]]
+    assert all(o["outcome"] in ("ok", "error_event") for o in under_way)
+    assert all(o["outcome"] == "ok" for o in outcomes if o["start"] > killed), counts
+    after = sorted(o["end"] for o in outcomes if o["start"] >= killed and o["outcome"] == "ok")
+    assert after, "no request succeeded after the kill"
+    figure("serve_kill_to_first_new_success_s", round(after[0] - killed, 2))
+    figure("serve_streams_under_way_at_kill", len(under_way))
+    figure("serve_max_request_s_around_kill", round(max(o["end"] - o["start"] for o in outcomes), 1))
+
+    # The node rejoins and Serve places the replacement replica there (one replica per node).
+    rejoin = time.monotonic()
+    cluster.local("start-node", str(cluster.node_index(victim_ip)))
+    deadline = time.monotonic() + 600
+    while True:
+        engines = cluster.replicas()[f"Engine:{MODEL_ID}"]
+        running = [ip for ip, state in engines if state == "RUNNING"]
+        if len(running) == 2:
+            break
+        assert time.monotonic() < deadline, f"no replacement replica: {engines}"
+        time.sleep(2)
+    figure("serve_node_rejoin_to_2_replicas_s", round(time.monotonic() - rejoin, 1))
+    assert victim_ip in running
