@@ -35,8 +35,14 @@ BIN = Path(sys.executable).parent
 MODEL_ID = "smollm2-135m-instruct"
 
 
+FIGURES = Path(tempfile.gettempdir()) / "tuneserve-multinode-figures.jsonl"
+
+
 def figure(name: str, value) -> None:
+    """A measured figure: printed, and appended to FIGURES (pytest keeps a passing test's prints)."""
     print(f"FIGURE {name} = {value}", flush=True)
+    with FIGURES.open("a") as handle:
+        handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), name: value}) + "\n")
 
 
 class Cluster:
