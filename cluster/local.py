@@ -347,8 +347,9 @@ def start_node(index: int) -> None:
     env = _node_env({"RAY_AUTH_TOKEN": token_path().read_text().strip(), "GLOO_SOCKET_IFNAME": "eth0"})
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     log = open(ray_dir() / f"node{index}.log", "a")
-    subprocess.Popen(netns.node_command(node, private_dirs(), cmd), env=env, stdout=log, stderr=subprocess.STDOUT,
-                     start_new_session=True)
+    keep = [project_root(), Path(sys.prefix).resolve()]  # the installed project and its Python
+    subprocess.Popen(netns.node_command(node, private_dirs(), keep, cmd), env=env, stdout=log,
+                     stderr=subprocess.STDOUT, start_new_session=True)
     print(f"worker node {index} starting at {node.ip} (namespace {node.netns})", flush=True)
 
 

@@ -148,11 +148,22 @@ def processes_in(netns: str) -> set[int]:
     return found
 
 
-def node_command(node: NodeSpec, private_dirs: list[Path], command: list[str]) -> list[str]:
+def node_command(node: NodeSpec, private_dirs: list[Path], keep: list[Path], command: list[str]) -> list[str]:
     """`command` run inside the node: its network namespace, and a mount namespace where /tmp and each of
-    `private_dirs` is an empty tmpfs (the node's own disk)."""
-    mounts = " && ".join(f"mkdir -p {shlex.quote(str(d))} && mount -t tmpfs tmpfs {shlex.quote(str(d))}"
-                         for d in ["/tmp", *private_dirs])
-    script = f"{mounts} && exec {shlex.join(command)}"
+    `private_dirs` is an empty tmpfs (the node's own disk). Folders in `keep` (the installed project, the
+    Python environment) stay visible even when they live under /tmp: they are bound aside on a scratch
+    tmpfs at /mnt before /tmp is covered, then bound back."""
+    q = shlex.quote
+    under_tmp = [d for d in keep if Path("/tmp") in d.parents
+                 and not any(other in d.parents for other in keep)]  # a venv inside the project goes with it
+    steps = ["mount -t tmpfs tmpfs /mnt"] if under_tmp else []
+    for i, folder in enumerate(under_tmp):
+        steps += [f"mkdir -p /mnt/keep{i}", f"mount --rbind {q(str(folder))} /mnt/keep{i}"]
+    steps.append("mount -t tmpfs tmpfs /tmp")
+    for i, folder in enumerate(under_tmp):
+        steps += [f"mkdir -p {q(str(folder))}", f"mount --rbind /mnt/keep{i} {q(str(folder))}"]
+    for folder in private_dirs:
+        steps += [f"mkdir -p {q(str(folder))}", f"mount -t tmpfs tmpfs {q(str(folder))}"]
+    script = " && ".join(steps) + f" && exec {shlex.join(command)}"
     return ["ip", "netns", "exec", node.netns, "unshare", "--mount", "--propagation", "private",
             "/bin/sh", "-c", script]
