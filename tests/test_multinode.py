@@ -130,12 +130,13 @@ def cluster(tmp_path_factory):
                 "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"})
     c = Cluster(env)
     started = time.monotonic()
-    c.local("up", "--nodes", "3")
-    figure("cluster_up_s", round(time.monotonic() - started, 1))
-    c.read_env()
-    namespaces = [n["netns"] for n in c.state()["network"]["nodes"]]
-    bridge = c.state()["network"]["bridge"]
+    namespaces, bridge = [], None
     try:
+        c.local("up", "--nodes", "3")  # inside the try: a failed `up` is still taken down
+        figure("cluster_up_s", round(time.monotonic() - started, 1))
+        c.read_env()
+        namespaces = [n["netns"] for n in c.state()["network"]["nodes"]]
+        bridge = c.state()["network"]["bridge"]
         yield c
     finally:
         c.local("down")
@@ -144,7 +145,8 @@ def cluster(tmp_path_factory):
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
         assert leftovers == "[]", f"down left processes behind: {leftovers}"
-        assert not any(ns in listed for ns in namespaces) and bridge not in links, "down left namespaces behind"
+        assert not any(ns in listed for ns in namespaces), f"down left namespaces behind: {listed}"
+        assert bridge is None or bridge not in links, "down left the bridge behind"
 
 
 def test_nodes_have_their_own_address_and_disk(cluster):
