@@ -153,6 +153,8 @@ class Location:
         """Within one storage (e.g. a checkpoint's weights to the run's adapter/ folder)."""
         if target.exists():
             target.delete()
+        if target.is_local and self.is_dir():  # copy_files writes into a local folder, it does not create it
+            Path(target.path).mkdir(parents=True, exist_ok=True)
         _call(self, lambda: pafs.copy_files(self.path, target.path, source_filesystem=self.fs,
                                             destination_filesystem=target.fs))
 
