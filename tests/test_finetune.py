@@ -222,9 +222,11 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_head, tmp_path, tin
     job = subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--config", str(config)], cwd=REPO_ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").exists() and metrics(run_dir) and metrics(run_dir)[-1]["step"] >= 4):
+    while not ((run_dir / "metrics.jsonl").exists() and metrics(run_dir) and metrics(run_dir)[-1]["step"] >= 4
+               and list(run_dir.glob("checkpoint_*/progress.json"))):
         assert job.poll() is None and time.monotonic() < deadline, "training did not reach step 4"
         time.sleep(0.2)
+    time.sleep(2)  # the controller registers a reported checkpoint when it next polls the workers
     pids = _worker_pids()
     assert len(pids) == 1
     os.kill(pids[0], signal.SIGKILL)

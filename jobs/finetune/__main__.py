@@ -134,7 +134,9 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.scaling.placement),
-        run_config=RunConfig(name=cfg.output.name, storage_path=parent, storage_filesystem=run.fs,
+        # Local storage as a plain path (Ray Train's own local handling); object stores with our filesystem.
+        run_config=RunConfig(name=cfg.output.name, storage_path=parent,
+                             storage_filesystem=None if run.is_local else run.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              worker_runtime_env={"env_vars": worker_env(use_gpu)}),
