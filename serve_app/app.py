@@ -15,7 +15,7 @@ from ray.serve import Application
 from cluster.local import SERVE_REPLICA_ENV
 from cluster.resources import cluster_has_gpus
 from serve_app.config import DEFAULT_CONFIG, AppConfig, ModelConfig, load_config
-from serve_app.engine import CPU_ENGINE_ENV, EngineDeployment
+from serve_app.engine import CPU_ENGINE_ENV, ENGINE_ENV, EngineDeployment
 from serve_app.ingress import Ingress
 
 log = logging.getLogger("tuneserve.app")
@@ -31,7 +31,7 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
     if num_gpus == "auto":
         num_gpus = model.tensor_parallel_size if gpus_present else 0
     on_gpu = num_gpus > 0
-    env = {**SERVE_REPLICA_ENV, **({} if on_gpu else CPU_ENGINE_ENV)}
+    env = {**SERVE_REPLICA_ENV, **ENGINE_ENV, **({} if on_gpu else CPU_ENGINE_ENV)}
     actor_options = {"num_cpus": model.resources.num_cpus, "num_gpus": num_gpus,
                      "runtime_env": {"env_vars": env}}
     deployment = serve.deployment(EngineDeployment).options(

@@ -98,11 +98,21 @@ class ModelConfig(_Strict):
     owned_by: str = "tuneserve"
     price: Price = Field(default_factory=Price)  # what a request costs, for usage.cost and price routing
     adapters: list[AdapterConfig] = Field(default_factory=list)
+    # generate: chat, completions and responses. embed: /v1/embeddings, through vLLM's pooling runner
+    # (a causal LM works too: its last hidden state, pooled, is the embedding).
+    task: Literal["generate", "embed"] = "generate"
+    # vLLM's tool-call parser (hermes, llama3_json, mistral, ...): it reads tool calls out of the model's
+    # output for tool_choice "auto". "required" and a named function are enforced by constrained decoding
+    # in the parser's format, so they work with any model. None turns tool calling off for the model.
+    tool_parser: str | None = "hermes"
+    reasoning_parser: str | None = None
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "ModelConfig":
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError(f"model {self.id}: set num_replicas or autoscaling_config, not both")
+        if self.task == "embed" and (self.adapters or self.reasoning_parser):
+            raise ValueError(f"model {self.id}: an embedding model takes no adapters or reasoning parser")
         return self
 
     def serve_scaling(self) -> dict[str, Any]:
@@ -142,6 +152,7 @@ class ProviderModel(_Strict):
     id: str = Field(pattern=NAME_PATTERN)  # the public model id clients send
     upstream: str | None = None  # the provider's own name for it (default: id)
     price: Price = Field(default_factory=Price)
+    task: Literal["generate", "embed"] = "generate"
 
     @property
     def upstream_name(self) -> str:
@@ -243,6 +254,17 @@ class AppConfig(_Strict):
         """Every public model id, local first, each once."""
         ids = [i for i, _ in self.local_models()] + [m.id for p in self.providers for m in p.models]
         return list(dict.fromkeys(ids))
+
+    def task_of(self, model_id: str) -> str:
+        """'generate' or 'embed' for a public model id (the first definition wins, as in model_ids)."""
+        for public_id, model in self.local_models():
+            if public_id == model_id:
+                return model.task
+        for provider in self.providers:
+            for model in provider.models:
+                if model.id == model_id:
+                    return model.task
+        raise KeyError(model_id)
 
 
 def hash_key(key: str) -> str:

@@ -1,7 +1,9 @@
-"""The engine deployment: one vLLM `AsyncLLM` per replica, behind the engine-neutral interface.
+"""The engine deployment: one vLLM `AsyncLLM` per replica, served through vLLM's own OpenAI layer.
 
-Built on vLLM's v1 AsyncLLM directly rather than ray.serve.llm, so that a Ray release is never tied to
-a vLLM release. Only this module imports vLLM.
+Each replica runs what `vllm serve` runs (chat, completions, responses, embeddings; tools, tool parsers,
+structured outputs) on its AsyncLLM, and streams the OpenAI chunks to the ingress a few steps at a time.
+Built on vLLM directly rather than ray.serve.llm, so that a Ray release is never tied to a vLLM release.
+Only this module and serve_app/vllm_adapter.py import vLLM; only the adapter knows vLLM's versions.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from serve_app.config import ModelConfig
-from serve_app.engine_api import (ChoiceDelta, EngineRequestError, GenerateChunk, GenerateRequest,
-                                  ModelInfo, SamplingOptions, TokenLogprob)
+from serve_app.protocol import LOCAL_PARAMETERS
+from serve_app.providers.base import Piece, Usage
 
 log = logging.getLogger("tuneserve.engine")
 
@@ -26,6 +28,14 @@ CPU_ENGINE_ENV = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+
+# Set in every engine process before vLLM loads its tool parsers. With strict tool calling on (the default
+# of both releases), a parser with an xgrammar "structural tag" (hermes, among others) constrains forced
+# calls in its own envelope: 0.32 then pins arguments to the schema only for tools sent with strict: true,
+# and in 0.26 the envelope allows unbounded whitespace, so a small model ran out of tokens inside it.
+# Off, "required" and named calls take vLLM's JSON-schema path in both releases: arguments always match
+# the function's parameters, in compact JSON.
+ENGINE_ENV = {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
 
 
 def multicast_off(env: dict[str, str] = os.environ) -> bool:
@@ -73,75 +83,148 @@ def max_lora_rank(model: ModelConfig) -> int:
 class EngineDeployment:
     """Wrapped with serve.deployment in serve_app/app.py; its options come from ModelConfig."""
 
-    def __init__(self, model: ModelConfig, on_gpu: bool):
+    async def __init__(self, model: ModelConfig, on_gpu: bool):
         tp_kwargs, engine_env = (tensor_parallel_defaults(model.tensor_parallel_size) if on_gpu
                                  else ({}, CPU_ENGINE_ENV))
-        for key, value in engine_env.items():
+        for key, value in {**engine_env, **ENGINE_ENV}.items():
             os.environ.setdefault(key, value)
-        from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from cluster.model_cache import resolve_model_path
+        from serve_app import vllm_adapter
 
         self.config = model
         self.path = resolve_model_path(model.path)
-        self.max_model_len = model.max_model_len
         self.stream_interval_s = model.stream_interval_ms / 1000.0
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         engine_kwargs: dict[str, Any] = {
             "model": self.path,
-            "served_model_name": model.id,
+            "served_model_name": [model.id],
             "dtype": resolve_dtype(model, on_gpu),
             "max_model_len": model.max_model_len,
             "tensor_parallel_size": model.tensor_parallel_size,
             "enable_log_requests": False,
         }
-        self.lora_requests = self._lora_requests(model)
-        if self.lora_requests:
-            engine_kwargs.update(enable_lora=True, max_loras=min(len(self.lora_requests), 8),
+        if model.task == "embed":
+            engine_kwargs.update(runner="pooling", convert="embed")
+        if model.reasoning_parser:
+            engine_kwargs["reasoning_parser"] = model.reasoning_parser
+        lora_modules = [vllm_adapter.lora_module(a.id, str(adapter_folder(a.path))) for a in model.adapters]
+        if lora_modules:
+            engine_kwargs.update(enable_lora=True, max_loras=min(len(lora_modules), 8),
                                  max_lora_rank=max_lora_rank(model))
         engine_kwargs.update(tp_kwargs)
         engine_kwargs.update(model.engine_kwargs)  # the user's own settings win
+        engine_kwargs["structured_outputs_config"] = vllm_adapter.structured_outputs_config(
+            engine_kwargs.get("structured_outputs_config"))
+        if model.reasoning_parser:  # 0.26 copies the engine arg into the structured-output config
+            engine_kwargs["structured_outputs_config"].reasoning_parser = model.reasoning_parser
         started = time.monotonic()
+        engine_args = AsyncEngineArgs(**engine_kwargs)
         # As an OpenAI server we take the defaults vLLM's own server takes. The library default
         # (ENGINE_CONTEXT) leaves max_num_batched_tokens at 2048 where `vllm serve` uses 8192 on an
         # H100, which queued prefills and added ~150 ms TTFT at 64 streams (docs/benchmarks.md).
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs),
-                                                usage_context=UsageContext.OPENAI_API_SERVER)
-        self.max_logprobs = self.engine.model_config.max_logprobs
-        log.info("engine for %s ready in %.1fs (%s)", model.id, time.monotonic() - started, engine_kwargs["dtype"])
+        self.engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        args = vllm_adapter.serve_args(engine_args, {
+            "served_model_name": [model.id],
+            "lora_modules": lora_modules or None,
+            "enable_auto_tool_choice": model.tool_parser is not None and model.task == "generate",
+            "tool_call_parser": model.tool_parser if model.task == "generate" else None,
+            "disable_log_stats": False,
+        })
+        self.state, self.tasks = await vllm_adapter.build_serving(self.engine, args)
+        self.adapter = vllm_adapter
+        self.validators = vllm_adapter.request_models()
+        log.info("engine for %s ready in %.1fs (%s, vLLM %s, tasks %s)", model.id, time.monotonic() - started,
+                 engine_kwargs["dtype"], vllm_adapter.VERSION, ",".join(self.tasks))
 
-    # -- interface used by the ingress --------------------------------------------------------------
+    # -- the provider contract: an OpenAI body in, OpenAI objects or SSE frames out ------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream the request's output, several engine steps per chunk (at most one chunk per interval)."""
-        try:
-            prompt_ids = self._prompt_token_ids(request)
-            params = self._sampling_params(request.sampling, len(prompt_ids), request.messages is not None)
-        except EngineRequestError as exc:
-            yield GenerateChunk(choices=[], prompt_tokens=0, finished=True, error=exc)
+    async def serve(self, endpoint: str, body: dict, request_id: str, client_wants_usage: bool
+                    ) -> AsyncIterator[Piece]:
+        """Answer one OpenAI request. A stream goes out a few engine steps per piece (one per interval)."""
+        handler = self.adapter.handler(self.state, endpoint)
+        if handler is None:
+            yield _refusal(400, f"The model '{self.config.id}' does not serve /v1/{endpoint.replace('chat', 'chat/completions')}"
+                                f" (it is configured with task '{self.config.task}').", "model")
             return
-        stream = self.engine.generate({"prompt_token_ids": prompt_ids}, params, request.request_id,
-                                      lora_request=self.lora_requests.get(request.model))
-        top_k = request.sampling.logprobs
+        unsupported = sorted(set(body) - LOCAL_PARAMETERS[endpoint])
+        if unsupported:
+            yield _refusal(400, f"Unsupported parameter{'s' if len(unsupported) > 1 else ''} for local models: "
+                                f"{', '.join(repr(u) for u in unsupported)}.", unsupported[0], "unsupported_parameter")
+            return
+        body = {**body, "request_id": request_id}
+        if endpoint == "responses":
+            body.setdefault("store", False)
         try:
-            async for output in stream:
-                yield self._to_chunk(output, top_k)
-                if output.finished:
-                    break
-                # While we sleep, vLLM's per-request collector merges new deltas into one output:
-                # the first token leaves at once, later ones at most one interval late.
-                if self.stream_interval_s > 0:
+            request = self.validators[endpoint].validate_python(body)
+        except Exception as exc:  # pydantic ValidationError, or a validator's own ValueError
+            yield _refusal(400, _validation_message(exc), _validation_param(exc))
+            return
+        try:
+            result = await handler(request, None)
+        except Exception as exc:
+            status, error = self.adapter.error_from_exception(exc)
+            yield Piece(status=status, error=error)
+            return
+        kind = self.adapter.result_kind(result)
+        if kind == "error":
+            status, error = self.adapter.error_response_body(result)
+            yield Piece(status=status, error=error)
+        elif kind == "http":
+            status, payload = self.adapter.http_body(result)
+            if status != 200:
+                yield Piece(status=status, error=payload.get("error") or payload)
+            else:
+                yield Piece(body=payload, usage=Usage.read(payload.get("usage")))
+        elif kind == "response":
+            payload = self.adapter.dump_response(result)
+            yield Piece(body=payload, usage=Usage.read(payload.get("usage")))
+        else:
+            async for piece in self._stream(endpoint, result):
+                yield piece
+
+    async def _stream(self, endpoint: str, frames) -> AsyncIterator[Piece]:
+        sent = 0
+        held: Piece | None = None
+        try:
+            async for frame in frames:
+                piece = self._responses_piece(frame) if endpoint == "responses" else _chunk_piece(frame)
+                if piece is None:
+                    continue
+                if endpoint == "chat" and sent == 0 and held is None and not piece.failed:
+                    # A chat stream's first frame is the role alone; vLLM yields the first token's frame
+                    # right after it. One message for both saves a Ray round trip before the first token.
+                    held = piece
+                    continue
+                if held is not None:
+                    piece.sse, piece.frames, held = held.sse + piece.sse, held.frames + piece.frames, None
+                yield piece
+                sent += piece.frames
+                # While we sleep, vLLM's per-request collector merges new deltas into one output: the first
+                # token leaves at once, later ones at most one interval late. Responses events other than
+                # deltas carry no tokens (frames = 0) and do not wait.
+                if self.stream_interval_s > 0 and piece.frames:
                     await asyncio.sleep(self.stream_interval_s)
+            if held is not None:
+                yield held
         finally:
             # Closing vLLM's generator aborts the request (client gone, or cancelled): frees its KV cache.
-            await stream.aclose()
+            await frames.aclose()
 
-    async def model_info(self) -> ModelInfo:
-        return ModelInfo(id=self.config.id, root=self.path, max_model_len=self.max_model_len,
-                         owned_by=self.config.owned_by)
+    def _responses_piece(self, event) -> Piece:
+        delta = getattr(event, "type", "").endswith(".delta")
+        piece = Piece(sse=self.adapter.response_sse(event), frames=1 if delta else 0)
+        if getattr(event, "type", "") == "response.completed":
+            usage = getattr(event.response, "usage", None)
+            if usage is not None:
+                piece.usage = Usage(usage.input_tokens, usage.output_tokens)
+        return piece
+
+    async def model_info(self) -> dict:
+        return {"id": self.config.id, "root": self.path, "max_model_len": self.config.max_model_len,
+                "task": self.config.task}
 
     async def num_unfinished_requests(self) -> int:
         # AsyncLLM has no public counter in every vLLM release (0.26 lacks it); its output processor does.
@@ -156,101 +239,40 @@ class EngineDeployment:
         if engine is not None:
             engine.shutdown()
 
-    @staticmethod
-    def _lora_requests(model: ModelConfig) -> dict:
-        from vllm.lora.request import LoRARequest
 
-        return {adapter.id: LoRARequest(adapter.id, number, str(adapter_folder(adapter.path)))
-                for number, adapter in enumerate(model.adapters, 1)}
+_DONE = "data: [DONE]\n\n"
 
-    # -- request preparation ------------------------------------------------------------------------
 
-    def _prompt_token_ids(self, request: GenerateRequest) -> list[int]:
-        if request.messages is not None:
-            try:
-                text = self.tokenizer.apply_chat_template(request.messages, tokenize=False,
-                                                          add_generation_prompt=True)
-            except Exception as exc:  # a template that rejects the conversation (roles, order)
-                raise EngineRequestError(f"The chat template rejected the messages: {exc}",
-                                         param="messages") from None
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            where = "messages"
-        elif isinstance(request.prompt, str):
-            ids = self.tokenizer(request.prompt)["input_ids"]
-            where = "prompt"
-        else:
-            ids = list(request.prompt or [])
-            vocab = len(self.tokenizer)
-            if any(not 0 <= token < vocab for token in ids):
-                raise EngineRequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-            where = "prompt"
-        if not ids:
-            raise EngineRequestError("The prompt is empty.", param=where)
-        if len(ids) >= self.max_model_len:
-            raise EngineRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                f"{where} resulted in {len(ids)} tokens, leaving no room for the completion.",
-                param=where, code="context_length_exceeded")
-        return ids
+def _chunk_piece(frame: str) -> Piece | None:
+    """A chat or text completion frame from vLLM. The usage chunk (no choices) is held apart; [DONE] is the
+    ingress's to send."""
+    if frame == _DONE:
+        return None
+    if '"choices":[]' in frame and '"usage":{' in frame:
+        event = json.loads(frame[len("data: "):])
+        return Piece(usage=Usage.read(event["usage"]), usage_event=event)
+    failed = "engine" if frame.startswith('data: {"error"') else None
+    return Piece(sse=frame, frames=1, failed=failed)
 
-    def _sampling_params(self, options: SamplingOptions, prompt_len: int, is_chat: bool):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
 
-        room = self.max_model_len - prompt_len
-        max_tokens = options.max_tokens if options.max_tokens is not None else room
-        if max_tokens > room:
-            field = "max_completion_tokens" if is_chat else "max_tokens"
-            raise EngineRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {'messages' if is_chat else 'prompt'}, "
-                f"{max_tokens} in the completion). Please reduce the length of the messages or completion.",
-                param=field, code="context_length_exceeded")
-        if options.logprobs is not None and options.logprobs > self.max_logprobs:
-            raise EngineRequestError(f"at most {self.max_logprobs} logprobs per token are supported",
-                                     param="top_logprobs" if is_chat else "logprobs")
-        return SamplingParams(
-            n=options.n,
-            max_tokens=max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            stop=options.stop or None,
-            seed=options.seed,
-            presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty,
-            logprobs=options.logprobs,
-            ignore_eos=options.ignore_eos,
-            min_tokens=min(options.min_tokens, max_tokens),
-            output_kind=RequestOutputKind.DELTA,
-        )
+def _refusal(status: int, message: str, param: str | None = None, code: str | None = None) -> Piece:
+    return Piece(status=status, error={"message": message, "type": "invalid_request_error", "param": param,
+                                       "code": code})
 
-    # -- output conversion --------------------------------------------------------------------------
 
-    def _to_chunk(self, output, top_k: int | None) -> GenerateChunk:
-        choices = [
-            ChoiceDelta(
-                index=completion.index,
-                text=completion.text,
-                num_tokens=len(completion.token_ids),
-                logprobs=None if top_k is None else self._logprobs(completion, top_k),
-                finish_reason=completion.finish_reason,
-            )
-            for completion in output.outputs
-        ]
-        return GenerateChunk(choices=choices, prompt_tokens=len(output.prompt_token_ids or ()),
-                             finished=output.finished)
+def _validation_param(exc: Exception) -> str | None:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return None
+    loc = [str(part) for part in (errors()[0].get("loc") or ()) if not str(part).startswith(("function-", "union"))]
+    return ".".join(loc) or None
 
-    def _logprobs(self, completion, top_k: int) -> list[TokenLogprob]:
-        """The sampled token's logprob plus the top_k most likely (vLLM adds the sampled one to its top k)."""
-        entries = []
-        for token_id, candidates in zip(completion.token_ids, completion.logprobs or ()):
-            ranked = sorted(candidates.items(), key=lambda item: item[1].rank or 0)[:top_k]
-            chosen = candidates[token_id]
-            entries.append(TokenLogprob(token=self._token_text(token_id, chosen), logprob=chosen.logprob,
-                                        top=[(self._token_text(tid, lp), lp.logprob) for tid, lp in ranked]))
-        return entries
 
-    def _token_text(self, token_id: int, logprob) -> str:
-        if logprob.decoded_token is not None:
-            return logprob.decoded_token
-        return self.tokenizer.decode([token_id])
+def _validation_message(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    first = errors()[0]
+    param = _validation_param(exc)
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"Invalid value for '{param}': {message}" if param else message

@@ -7,6 +7,7 @@ The ingress never imports vLLM.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -14,13 +15,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.auth import Accounting, KeyStore
 from serve_app.config import LOCAL_PROVIDER, AppConfig
 from serve_app.metrics import ServingMetrics
-from serve_app.protocol import APIError, ChatCompletionRequest, CompletionRequest, format_validation_error
+from serve_app.protocol import REQUEST_MODELS, APIError, format_validation_error
 from serve_app.providers.local import LocalEngineProvider
 from serve_app.providers.remote import RemoteProvider
 from serve_app.router import Router
@@ -125,7 +127,8 @@ class Ingress:
         self.accounting = Accounting(self.metrics)
         self.serving = OpenAIServing(providers, self.router, self.accounting, self.metrics, config.ingress.max_n,
                                      retry_policies={LOCAL_PROVIDER: config.ingress.local_engines.retry,
-                                                     **{p.name: p.retry for p in config.providers}})
+                                                     **{p.name: p.retry for p in config.providers}},
+                                     task_of=config.task_of)
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
         api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,
@@ -166,12 +169,39 @@ class Ingress:
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        return await self.serving.chat_completion(body, request.state.api_key)
+    async def chat_completions(self, request: Request):
+        return await self._serve("chat", request)
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        return await self.serving.completion(body, request.state.api_key)
+    async def completions(self, request: Request):
+        return await self._serve("completions", request)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        return await self._serve("embeddings", request)
+
+    @api.post("/v1/responses")
+    async def responses(self, request: Request):
+        """The Responses API, stateless (store: false): every request carries its whole input."""
+        return await self._serve("responses", request)
+
+    async def _serve(self, endpoint: str, request: Request):
+        """Validate the client's JSON, then hand it on as it was sent (see serve_app/protocol.py)."""
+        try:
+            raw = json.loads(await request.body())
+        except ValueError as exc:
+            raise APIError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(raw, dict):
+            raise APIError(400, "The request body must be a JSON object (Content-Type: application/json).",
+                           code="invalid_body")
+        try:
+            body = REQUEST_MODELS[endpoint].model_validate(raw)
+        except ValidationError as exc:
+            errors = list(exc.errors())
+            for error in errors:  # pydantic prefixes model-level messages with "Value error, "
+                error["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
+            raise format_validation_error(errors) from None
+        return await self.serving.handle(endpoint, raw, body, request.state.api_key)
 
     @api.get("/admin/usage")
     async def usage(self, request: Request) -> dict:

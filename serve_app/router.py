@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from serve_app.config import LOCAL_PROVIDER, AppConfig, CircuitBreaker, Price
-from serve_app.protocol import APIError, ProviderPreferences
+from serve_app.protocol import LOCAL_PARAMETERS, APIError, ProviderPreferences
 
 EWMA_WEIGHT = 0.2  # weight of the newest sample in the moving averages
 
@@ -67,7 +67,8 @@ class Router:
         if config.models:
             self.states[LOCAL_PROVIDER] = ProviderState(breaker=config.ingress.local_engines.circuit_breaker,
                                                         max_concurrency=None)
-            self.supported[LOCAL_PROVIDER] = None
+            # What local engines honour: provider.require_parameters skips them for anything else.
+            self.supported[LOCAL_PROVIDER] = set().union(*LOCAL_PARAMETERS.values())
         for model in config.models:
             self._offer(Candidate(LOCAL_PROVIDER, model.id, model.id, model.price))
             for adapter in model.adapters:

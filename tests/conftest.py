@@ -20,6 +20,7 @@ for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE
 
 TEST_KEY = "sk-tuneserve-test-key"  # the admin key of KEYS below
 MODEL_ID = "smollm2-135m-instruct"
+EMBED_MODEL_ID = "smollm2-embed"
 TEST_MAX_MODEL_LEN = 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,7 +173,7 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
         _provider("flaky", alpha, "rate-limited-1"),
         _provider("patient", alpha, "rate-limited-30"),
         _provider("broken", alpha, "error-500"),
-        _provider("hanging", alpha, "hang", timeouts={"read_s": 1.0}, retry={"attempts": 1}),
+        _provider("hanging", alpha, "hang", timeouts={"read_s": 1.0, "total_s": 2.0}, retry={"attempts": 1}),
         _provider("dropper", alpha, "drop"),
         _provider("picky", alpha, "bad-request"),
         _provider("limited-params", beta, "echo", supported_parameters=["max_tokens", "temperature"]),
@@ -180,6 +181,12 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
                   circuit_breaker={"failure_threshold": 2, "cooldown_s": 2.0}),
         {"name": "broken-only", "base_url": alpha, "models": [{"id": "lonely-model", "upstream": "error-500"}],
          "retry": {"attempts": 1}, "circuit_breaker": {"failure_threshold": 1000}},
+        # the OpenAI-surface tests: tool calls and extra fields relayed; malformed answers; remote embeddings
+        {"name": "toolsmith", "base_url": alpha, "models": [{"id": "tools-model", "upstream": "tools"}]},
+        {"name": "garbled", "base_url": alpha, "models": [{"id": "garbled-model", "upstream": "malformed"}],
+         "retry": {"attempts": 1}, "circuit_breaker": {"failure_threshold": 1000}},
+        {"name": "embedder", "base_url": beta, "models": [{"id": "remote-embed", "upstream": "vectors",
+                                                           "task": "embed"}]},
     ]
     config = {
         "models": [{
@@ -191,6 +198,16 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
             # the fine-tuned adapter, served by this engine through vLLM's LoRA support
             "adapters": [{"id": ADAPTER_ID, "path": assistant_weights["adapter"]}],
+        }, {
+            # the same weights served as an embedding model, through vLLM's pooling runner; no CPU reserved,
+            # so that the fine-tune tests after the serving tests still find their 2 CPUs
+            "id": EMBED_MODEL_ID,
+            "path": "default",
+            "task": "embed",
+            "max_model_len": 512,
+            "num_replicas": 1,
+            "resources": {"num_cpus": 0},
+            "engine_kwargs": {"enforce_eager": True},
         }],
         "providers": providers,
         "aliases": {"smart": ["lonely-model", "echo-model"]},

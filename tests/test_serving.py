@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID, TEST_KEY
+from tests.conftest import EMBED_MODEL_ID, MODEL_ID, TEST_KEY
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -164,7 +164,7 @@ def test_disconnect_aborts_engine_request(server, engine_handle):
 def test_health_and_metrics(server, client):
     client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=2)
     health = httpx.get(f"{server}/health", timeout=30)
-    assert health.status_code == 200 and health.json()["models"] == {MODEL_ID: "ok"}
+    assert health.status_code == 200 and health.json()["models"] == {MODEL_ID: "ok", EMBED_MODEL_ID: "ok"}
     metrics = httpx.get(f"{server}/metrics", timeout=30).text
     assert f'tuneserve_requests_total{{endpoint="chat",model="{MODEL_ID}",status="200"}}' in metrics
     for name in ("tuneserve_time_to_first_token_seconds_bucket", "tuneserve_request_latency_seconds_bucket",
@@ -176,5 +176,5 @@ def test_engine_reports_its_model(engine_handle):
     from tests.conftest import TEST_MAX_MODEL_LEN
 
     info = engine_handle.model_info.remote().result()
-    assert info.id == MODEL_ID and info.max_model_len == TEST_MAX_MODEL_LEN
-    assert info.root.endswith("smollm2-135m-instruct")
+    assert info["id"] == MODEL_ID and info["max_model_len"] == TEST_MAX_MODEL_LEN
+    assert info["root"].endswith("smollm2-135m-instruct") and info["task"] == "generate"

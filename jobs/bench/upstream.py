@@ -10,8 +10,13 @@ The upstream model name picks the behaviour:
 | `error-500`      | 500                                                                         |
 | `bad-request`    | 400 with an OpenAI error                                                    |
 | `hang`           | never answers (until the client times out)                                  |
-| `drop`           | streams two tokens, then drops the connection                               |
+| `drop`           | streams two tokens (or half a JSON body), then drops the connection         |
 | `switch`         | 503 while `POST /control {"failing": true}` is in force, else like `echo`  |
+| `tools`          | calls `get_weather` (streamed as tool-call deltas); every chunk carries an  |
+|                  | extra field `upstream_extra` echoing the request's `x_custom`               |
+| `malformed`      | 200 with `choices: [null]`, or a stream event that is not JSON              |
+
+`GET /last` returns the last request body as received; `POST /v1/embeddings` answers 4-dim vectors.
 
     python -m jobs.bench.upstream --port 9000      # run one by hand
 """
@@ -34,6 +39,20 @@ def build_upstream(name: str) -> FastAPI:
     app = FastAPI()
     app.state.failing = False
     app.state.calls = Counter()
+    app.state.last_body = None
+
+    @app.get("/last")
+    async def last() -> dict:
+        return app.state.last_body or {}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict:
+        body = await request.json()
+        app.state.last_body = body
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.5, 0.5, 0.5, 0.5]} for i in range(len(inputs))]
+        return {"object": "list", "data": data, "model": body.get("model"),
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
 
     @app.post("/control")
     async def control(request: Request) -> dict:
@@ -50,8 +69,24 @@ def build_upstream(name: str) -> FastAPI:
 
     async def handle(request: Request, chat: bool):
         body = await request.json()
+        app.state.last_body = body
         model = str(body.get("model", "echo"))
         app.state.calls[model] += 1
+        if model == "malformed":
+            if body.get("stream"):
+                return StreamingResponse(_malformed_stream(), media_type="text/event-stream")
+            return {"id": "up-bad", "object": "chat.completion", "model": model, "choices": [None]}
+        if model == "tools" and chat:
+            extra = {"echo": body.get("x_custom")}
+            if body.get("stream"):
+                return StreamingResponse(_tool_stream(name, extra), media_type="text/event-stream")
+            call = {"id": "call_up", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            return {"id": "up-tools", "object": "chat.completion", "created": int(time.time()), "model": model,
+                    "upstream_extra": extra,
+                    "choices": [{"index": 0, "finish_reason": "tool_calls",
+                                 "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
         if model.startswith("rate-limited"):
             wait = model.rsplit("-", 1)[-1]
             return _error(429, "Rate limited by upstream.", headers={"Retry-After": wait if wait.isdigit() else "1"})
@@ -68,6 +103,9 @@ def build_upstream(name: str) -> FastAPI:
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_stream(name, model, chat, count, delay, prompt_tokens, usage),
                                      media_type="text/event-stream")
+        if model == "drop":  # half a JSON body, then the connection goes
+            return StreamingResponse(_dropped_body(), media_type="application/json")
+        await asyncio.sleep(delay * count)
         text = "".join(f"tok{i} " for i in range(count))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                   if chat else {"index": 0, "text": text, "finish_reason": "length"})
@@ -111,6 +149,32 @@ async def _stream(name: str, model: str, chat: bool, count: int, delay: float, p
                                           "total_tokens": prompt_tokens + count}}
         yield f"data: {json.dumps(event)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def _tool_stream(name: str, extra: dict):
+    created = int(time.time())
+    deltas = [{"role": "assistant", "content": None,
+               "tool_calls": [{"index": 0, "id": "call_up", "type": "function",
+                               "function": {"name": "get_weather", "arguments": ""}}]},
+              {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+              {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}]
+    for i, delta in enumerate(deltas):
+        finish = "tool_calls" if i == len(deltas) - 1 else None
+        event = {"id": f"up-{name}", "object": "chat.completion.chunk", "created": created, "model": "tools",
+                 "upstream_extra": extra, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        yield f"data: {json.dumps(event)}\n\n"
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    yield f"data: {json.dumps({'id': f'up-{name}', 'object': 'chat.completion.chunk', 'created': created, 'model': 'tools', 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _dropped_body():
+    yield '{"id": "up-drop", "object": "chat.completion", "choices": [{"index": 0, '
+    raise ConnectionResetError("dropping the connection on purpose")
+
+
+async def _malformed_stream():
+    yield "data: {this is not json\n\n"
 
 
 class UpstreamServer:

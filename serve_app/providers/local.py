@@ -5,35 +5,35 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from serve_app.config import LOCAL_PROVIDER
-from serve_app.engine_api import EngineRequestError, GenerateChunk
-from serve_app.providers.base import ProviderError, ProviderRequest
+from serve_app.providers.base import EngineRequestError, Piece, ProviderCall, ProviderError, error_from_status
 
 
 class LocalEngineProvider:
-    """Streams from the engine deployment of `request.upstream_model` (one Serve handle per local model)."""
+    """Streams from the engine deployment of the call's model (one Serve handle per local model or adapter)."""
 
     name = LOCAL_PROVIDER
 
     def __init__(self, handles: dict):
         self._handles = handles
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[GenerateChunk]:
-        handle = self._handles[request.upstream_model]
-        request.generate.model = request.upstream_model  # selects the adapter, if it is one
-        responses = handle.options(stream=True).generate.remote(request.generate)
-        finished = False
+    async def stream(self, call: ProviderCall) -> AsyncIterator[Piece]:
+        handle = self._handles[call.body["model"]]
+        responses = handle.options(stream=True).serve.remote(call.endpoint, call.body, call.request_id,
+                                                             call.client_wants_usage)
+        done = False
         try:
-            async for chunk in responses:
-                finished = chunk.finished
-                if chunk.error is not None:
-                    raise chunk.error
-                yield chunk
-        except EngineRequestError:
+            async for piece in responses:
+                if piece.error is not None:
+                    raise error_from_status(piece.status, piece.error, "local engine")
+                yield piece
+            done = True
+        except (ProviderError, EngineRequestError, GeneratorExit):
             raise
-        except Exception as exc:  # replica died, backpressure, Ray errors: the engine failed, not the client
+        except Exception as exc:
+            # replica died, backpressure, Ray errors: the engine failed, not the client
             raise ProviderError(f"local engine failed: {type(exc).__name__}: {exc}", reason="engine") from exc
         finally:
-            if not finished:  # the client went away or failed: stop the engine's work on it
+            if not done:  # the client went away or failed: stop the engine's work on it
                 responses.cancel()
 
     async def check_health(self, model_id: str) -> None:

@@ -1,7 +1,8 @@
 """A provider backed by an OpenAI-compatible upstream (OpenRouter, a hosted vLLM, another tuneserve).
 
-One pooled httpx client per provider. The upstream is always asked to stream, with usage, whatever the
-client asked: first-byte timeouts then work the same for both, and chunks pass through as they arrive.
+One pooled httpx client per provider. The body goes upstream as the client sent it (only `model` is the
+upstream's name for it), and the upstream's JSON or SSE events come back as they were, with only `model`
+set back to the id the client asked for. We read what we need from them: usage, errors and the end.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from typing import AsyncIterator
 import httpx
 
 from serve_app.config import ProviderConfig
-from serve_app.engine_api import ChoiceDelta, EngineRequestError, GenerateChunk, TokenLogprob
-from serve_app.providers.base import ProviderError, ProviderRequest
+from serve_app.providers.base import PATHS, EngineRequestError, Piece, ProviderCall, ProviderError, Usage
 
 log = logging.getLogger("tuneserve.remote")
 
-_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
 # Upstream answers that mean "the client's request is wrong": passed through, never retried elsewhere.
 _CLIENT_ERRORS = {400, 413, 422}
 
@@ -48,33 +47,6 @@ def _error_message(raw: bytes) -> str:
         return raw[:300].decode(errors="replace")
 
 
-def _chat_logprobs(payload: dict | None) -> list[TokenLogprob] | None:
-    if not payload or payload.get("content") is None:
-        return None
-    return [TokenLogprob(token=e["token"], logprob=e["logprob"],
-                         top=[(t["token"], t["logprob"]) for t in e.get("top_logprobs") or []])
-            for e in payload["content"]]
-
-
-def _completion_logprobs(payload: dict | None) -> list[TokenLogprob] | None:
-    if not payload or payload.get("tokens") is None:
-        return None
-    tops = payload.get("top_logprobs") or [None] * len(payload["tokens"])
-    return [TokenLogprob(token=token, logprob=logprob, top=list((top or {}).items()))
-            for token, logprob, top in zip(payload["tokens"], payload["token_logprobs"], tops)]
-
-
-def _delta(choice: dict, endpoint: str) -> ChoiceDelta:
-    if endpoint == "chat":
-        text = (choice.get("delta") or {}).get("content") or ""
-        logprobs = _chat_logprobs(choice.get("logprobs"))
-    else:
-        text = choice.get("text") or ""
-        logprobs = _completion_logprobs(choice.get("logprobs"))
-    return ChoiceDelta(index=choice.get("index", 0), text=text, num_tokens=0, logprobs=logprobs,
-                       finish_reason=choice.get("finish_reason"))
-
-
 class RemoteProvider:
     def __init__(self, config: ProviderConfig):
         self.name = config.name
@@ -98,16 +70,23 @@ class RemoteProvider:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[GenerateChunk]:
-        body = {**request.body, "model": request.upstream_model, "stream": True,
-                "stream_options": {"include_usage": True}}
-        deadline = time.monotonic() + self.config.timeouts.total_s
+    async def stream(self, call: ProviderCall) -> AsyncIterator[Piece]:
+        timeouts = self.config.timeouts
+        streamed = bool(call.body.get("stream"))
+        # A non-streamed answer arrives whole: its read timeout is the total one.
+        timeout = None if streamed else httpx.Timeout(connect=timeouts.connect_s, read=timeouts.total_s,
+                                                        write=timeouts.read_s, pool=timeouts.connect_s)
+        deadline = time.monotonic() + timeouts.total_s
         try:
-            async with self.client.stream("POST", _PATHS[request.endpoint], json=body) as response:
+            async with self.client.stream("POST", PATHS[call.endpoint], json=call.body,
+                                          **({"timeout": timeout} if timeout else {})) as response:
                 if response.status_code != 200:
                     await self._raise_for_status(response)
-                async for chunk in self._events(response, request.endpoint, deadline):
-                    yield chunk
+                if streamed:
+                    async for piece in self._events(response, call, deadline):
+                        yield piece
+                else:
+                    yield self._whole(await response.aread(), call)
         except httpx.ConnectError as exc:
             raise ProviderError(f"{self.name}: cannot connect: {exc}", reason="connect") from None
         except httpx.TimeoutException as exc:
@@ -124,29 +103,81 @@ class RemoteProvider:
         raise ProviderError(f"{self.name}: HTTP {status}: {message}", status=status, reason=str(status),
                             retry_after_s=parse_retry_after(response.headers.get("retry-after")))
 
-    async def _events(self, response: httpx.Response, endpoint: str, deadline: float) -> AsyncIterator[GenerateChunk]:
-        prompt_tokens = completion_tokens = None
+    def _whole(self, raw: bytes, call: ProviderCall) -> Piece:
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise ProviderError(f"{self.name}: answered with a body that is not JSON", reason="bad_body") from None
+        if not isinstance(payload, dict) or payload.get("error"):
+            raise ProviderError(f"{self.name}: answered 200 without a response: {raw[:200]!r}", reason="bad_body")
+        if call.endpoint in ("chat", "completions") and not _valid_choices(payload.get("choices"), call.endpoint):
+            raise ProviderError(f"{self.name}: answered with malformed choices", reason="bad_body")
+        payload["model"] = call.model
+        return Piece(body=payload, usage=Usage.read(payload.get("usage")))
+
+    async def _events(self, response: httpx.Response, call: ProviderCall, deadline: float) -> AsyncIterator[Piece]:
+        """Relay the upstream's SSE events, rewritten only in `model`; the usage chunk is held apart."""
+        event_name = None
         async for line in response.aiter_lines():
             if time.monotonic() > deadline:
                 raise ProviderError(f"{self.name}: exceeded its total timeout", reason="timeout")
+            if line.startswith("event:"):
+                event_name = line[6:].strip()
+                continue
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                yield GenerateChunk(choices=[], prompt_tokens=prompt_tokens or 0, finished=True,
-                                    completion_tokens=completion_tokens)
                 return
             try:
                 event = json.loads(data)
             except ValueError:
                 raise ProviderError(f"{self.name}: sent an event that is not JSON", reason="bad_event") from None
+            if not isinstance(event, dict):
+                raise ProviderError(f"{self.name}: sent an event that is not an object", reason="bad_event")
             if event.get("error"):
                 raise ProviderError(f"{self.name}: {_error_message(data.encode())}", reason="stream_error")
-            usage = event.get("usage")
-            if usage:
-                prompt_tokens = usage.get("prompt_tokens", 0)
-                completion_tokens = usage.get("completion_tokens", 0)
-            choices = [_delta(choice, endpoint) for choice in event.get("choices") or ()]
-            if choices:
-                yield GenerateChunk(choices=choices, prompt_tokens=prompt_tokens or 0)
-        raise ProviderError(f"{self.name}: the stream ended without [DONE]", reason="disconnect")
+            piece = self._piece(event, event_name, call)
+            event_name = None
+            if piece is not None:
+                yield piece
+            if call.endpoint == "responses" and piece is not None and piece.usage is not None:
+                return  # response.completed: the Responses API has no [DONE]
+        if call.endpoint != "responses":
+            raise ProviderError(f"{self.name}: the stream ended without [DONE]", reason="disconnect")
+
+    def _piece(self, event: dict, event_name: str | None, call: ProviderCall) -> Piece | None:
+        if call.endpoint == "responses":
+            response = event.get("response")
+            if isinstance(response, dict) and "model" in response:
+                response["model"] = call.model
+            usage = None
+            if event.get("type") in ("response.completed", "response.incomplete", "response.failed"):
+                usage = Usage.read((response or {}).get("usage")) or Usage()
+            name = event_name or event.get("type") or "message"
+            return Piece(sse=f"event: {name}\ndata: {_dumps(event)}\n\n", frames=1, usage=usage)
+        if "model" in event:
+            event["model"] = call.model
+        choices = event.get("choices")
+        if not _valid_choices(choices, call.endpoint, delta=True):
+            raise ProviderError(f"{self.name}: sent a chunk with malformed choices", reason="bad_event")
+        usage = Usage.read(event.get("usage"))
+        if not choices:
+            if usage is None:
+                return None  # a keep-alive or metadata chunk with nothing for the client
+            return Piece(usage=usage, usage_event=event)
+        if usage is not None and not call.client_wants_usage:
+            event.pop("usage")  # continuous usage the client did not ask for
+        return Piece(sse=f"data: {_dumps(event)}\n\n", frames=1, usage=usage)
+
+
+def _dumps(event: dict) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+def _valid_choices(choices, endpoint: str, delta: bool = False) -> bool:
+    if choices is None:
+        return delta  # a stream's usage or metadata chunk may have none
+    if not isinstance(choices, list):
+        return False
+    return all(isinstance(choice, dict) for choice in choices)

