@@ -30,7 +30,8 @@ def free_port_block(size: int) -> int:
     import random
 
     for _ in range(200):
-        base = random.randint(20000, 40000)
+        # Below Linux's ephemeral range (32768+), where client sockets could take a port after this check.
+        base = random.randint(15000, 32000 - size)
         try:
             socks = []
             for port in range(base, base + size):
@@ -48,8 +49,9 @@ def free_port_block(size: int) -> int:
 
 # The project's own head for this session, on free ports and a private temp dir. Set before anything
 # imports ray: ray reads its auth settings once, at import.
-_BASE_PORT = free_port_block(8)
-_WORKER_PORTS = free_port_block(200)
+# One block for both, so that the head's ports and the worker range cannot overlap.
+_BASE_PORT = free_port_block(8 + 200)
+_WORKER_PORTS = _BASE_PORT + 8
 os.environ.update({
     "TUNESERVE_RAY_DIR": tempfile.mkdtemp(prefix="ts-ray-", dir="/tmp"),
     "TUNESERVE_RAY_PORT": str(_BASE_PORT),

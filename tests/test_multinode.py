@@ -121,8 +121,8 @@ def cluster(tmp_path_factory):
         pytest.fail(f"the multi-node tests need network and mount namespaces: {problem}")
     from tests.conftest import free_port_block
 
-    base = free_port_block(10)
-    workers = free_port_block(300)
+    base = free_port_block(10 + 300)  # one block: the head's ports and the worker range must not overlap
+    workers = base + 10
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TUNESERVE_RAY", "AWS_"))}
     env.pop("TUNESERVE_STORAGE", None)
     env.update({"TUNESERVE_RAY_DIR": tempfile.mkdtemp(prefix="tsmn-", dir="/tmp"), "TUNESERVE_RAY_PORT": str(base),
