@@ -2,6 +2,10 @@
 
 Auth is on when any key is configured. Limits and counters live in each ingress replica: with N replicas
 a key's effective limit is up to N times its configured one.
+
+A key's tokens-per-minute limit counts requests from their admission: each reserves an estimate (its prompt
+plus its max_tokens, or the context left) that is settled to the real count when it ends. Concurrent
+bursts, and requests without max_tokens, therefore cannot go past the limit.
 """
 
 from __future__ import annotations
@@ -48,16 +52,24 @@ class KeyStore:
 class _Window:
     """Events of the last minute, as (time, amount)."""
 
-    events: deque = field(default_factory=deque)
+    events: deque = field(default_factory=deque)  # of [time, amount]: a reservation is settled in place
     total: float = 0.0
 
     def trim(self, now: float) -> None:
         while self.events and self.events[0][0] <= now - WINDOW_S:
             self.total -= self.events.popleft()[1]
 
-    def add(self, now: float, amount: float) -> None:
-        self.events.append((now, amount))
+    def add(self, now: float, amount: float) -> list:
+        event = [now, amount]
+        self.events.append(event)
         self.total += amount
+        return event
+
+    def settle(self, event: list, amount: float) -> None:
+        """Replace a reservation's amount with the real one (if it is still in the window)."""
+        if self.events and event[0] >= self.events[0][0]:
+            self.total += amount - event[1]
+        event[1] = amount
 
     def wait_s(self, now: float) -> float:
         """Seconds until the oldest event leaves the window."""
@@ -86,13 +98,15 @@ class Accounting:
         self.clock = clock
         self.usage: dict[str, KeyUsage] = {}
 
-    def admit(self, key: ApiKey | None, models: list[str]) -> None:
+    def admit(self, key: ApiKey | None, models: list[str], reserve_tokens: int = 0) -> list | None:
+        """Raise 403/429 when the key may not send this request now. Returns the request's token
+        reservation (for `record` to settle), when the key has a tokens-per-minute limit."""
         name = key.name if key else ANONYMOUS
         usage = self.usage.setdefault(name, KeyUsage())
         if key is None:
             usage.requests += 1
             self.metrics.key_requests.labels(name).inc()
-            return
+            return None
         if key.models is not None:
             denied = [m for m in models if m not in key.models]
             if denied:
@@ -103,24 +117,32 @@ class Accounting:
         usage._tokens_window.trim(now)
         if key.rpm is not None and usage._requests_window.total >= key.rpm:
             self._limited(f"{key.rpm} requests per minute", usage._requests_window.wait_s(now))
-        if key.tpm is not None and usage._tokens_window.total >= key.tpm:
+        if key.tpm is not None and reserve_tokens > key.tpm:
+            raise APIError(429, f"Request too large for this API key's limit of {key.tpm} tokens per minute: it "
+                           f"may use up to {reserve_tokens} (prompt plus max_tokens). Lower max_tokens.",
+                           code="rate_limit_exceeded", param="max_tokens")
+        if key.tpm is not None and usage._tokens_window.total + reserve_tokens > key.tpm:
             self._limited(f"{key.tpm} tokens per minute", usage._tokens_window.wait_s(now))
         usage._requests_window.add(now, 1)
         usage.requests += 1
         self.metrics.key_requests.labels(name).inc()
+        return usage._tokens_window.add(now, reserve_tokens) if key.tpm is not None else None
 
     @staticmethod
     def _limited(limit: str, wait_s: float) -> None:
         raise APIError(429, f"Rate limit reached for this API key: {limit}. Try again in {wait_s:.0f} s.",
                        code="rate_limit_exceeded", headers={"Retry-After": str(int(wait_s))})
 
-    def record(self, key: ApiKey | None, prompt_tokens: int, completion_tokens: int, cost_usd: float) -> None:
+    def record(self, key: ApiKey | None, prompt_tokens: int, completion_tokens: int, cost_usd: float,
+               reservation: list | None = None) -> None:
         name = key.name if key else ANONYMOUS
         usage = self.usage.setdefault(name, KeyUsage())
         usage.prompt_tokens += prompt_tokens
         usage.completion_tokens += completion_tokens
         usage.cost_usd += cost_usd
-        usage._tokens_window.add(self.clock(), prompt_tokens + completion_tokens)
+        if reservation is not None:  # only keys with a tpm limit keep a window: nothing grows otherwise
+            usage._tokens_window.trim(self.clock())
+            usage._tokens_window.settle(reservation, prompt_tokens + completion_tokens)
         self.metrics.key_tokens.labels(name, "prompt").inc(prompt_tokens)
         self.metrics.key_tokens.labels(name, "completion").inc(completion_tokens)
         self.metrics.key_cost.labels(name).inc(cost_usd)

@@ -125,10 +125,12 @@ class Ingress:
         self.providers = providers
         self.router = Router(config)
         self.accounting = Accounting(self.metrics)
+        local = dict(config.local_models())
         self.serving = OpenAIServing(providers, self.router, self.accounting, self.metrics, config.ingress.max_n,
                                      retry_policies={LOCAL_PROVIDER: config.ingress.local_engines.retry,
                                                      **{p.name: p.retry for p in config.providers}},
-                                     task_of=config.task_of)
+                                     task_of=config.task_of,
+                                     context_of=lambda model: local[model].max_model_len if model in local else None)
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
         api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,

@@ -26,11 +26,21 @@ class Candidate:
 
 @dataclass
 class ProviderState:
-    """Live view of one provider: load, moving TTFT and decode speed, and its circuit breaker."""
+    """One provider's load: its requests in flight, against its connection cap."""
 
-    breaker: CircuitBreaker
     max_concurrency: int | None
     in_flight: int = 0
+
+    def load(self) -> float:
+        return self.in_flight / self.max_concurrency if self.max_concurrency else 0.0
+
+
+@dataclass
+class RouteState:
+    """Live view of one (provider, model): moving TTFT and decode speed, and its circuit breaker. Per model,
+    so that one broken model (or one local engine) never blocks the provider's other models."""
+
+    breaker: CircuitBreaker
     ttft_s: float | None = None
     tokens_per_s: float | None = None
     consecutive_failures: int = 0
@@ -43,15 +53,17 @@ class ProviderState:
             self.tokens_per_s = tokens_per_s if self.tokens_per_s is None else (
                 (1 - EWMA_WEIGHT) * self.tokens_per_s + EWMA_WEIGHT * tokens_per_s)
 
-    def load(self) -> float:
-        return self.in_flight / self.max_concurrency if self.max_concurrency else 0.0
+    @property
+    def is_open(self) -> bool:
+        return self.consecutive_failures >= self.breaker.failure_threshold
 
 
 @dataclass
 class Lease:
-    """Permission to send one attempt to a provider; give it back with Router.release."""
+    """Permission to send one attempt to a provider for a model; give it back with Router.release."""
 
     provider: str
+    model: str
     probe: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -61,27 +73,30 @@ class Router:
         self.clock = clock
         self.aliases = config.aliases
         self.states: dict[str, ProviderState] = {}
+        self.routes: dict[tuple[str, str], RouteState] = {}
         self.candidates: dict[str, list[Candidate]] = {}
         self.supported: dict[str, set[str] | None] = {}
         self.owners: dict[str, list[str]] = {}
         if config.models:
-            self.states[LOCAL_PROVIDER] = ProviderState(breaker=config.ingress.local_engines.circuit_breaker,
-                                                        max_concurrency=None)
+            self.states[LOCAL_PROVIDER] = ProviderState(max_concurrency=None)
             # What local engines honour: provider.require_parameters skips them for anything else.
             self.supported[LOCAL_PROVIDER] = set().union(*LOCAL_PARAMETERS.values())
+        local_breaker = config.ingress.local_engines.circuit_breaker
         for model in config.models:
-            self._offer(Candidate(LOCAL_PROVIDER, model.id, model.id, model.price))
+            self._offer(Candidate(LOCAL_PROVIDER, model.id, model.id, model.price), local_breaker)
             for adapter in model.adapters:
-                self._offer(Candidate(LOCAL_PROVIDER, adapter.id, adapter.id, adapter.price or model.price))
+                self._offer(Candidate(LOCAL_PROVIDER, adapter.id, adapter.id, adapter.price or model.price),
+                            local_breaker)
         for provider in config.providers:
-            self.states[provider.name] = ProviderState(breaker=provider.circuit_breaker,
-                                                       max_concurrency=provider.max_concurrency)
+            self.states[provider.name] = ProviderState(max_concurrency=provider.max_concurrency)
             self.supported[provider.name] = (None if provider.supported_parameters is None
                                              else set(provider.supported_parameters))
             for offered in provider.models:
-                self._offer(Candidate(provider.name, offered.id, offered.upstream_name, offered.price))
+                self._offer(Candidate(provider.name, offered.id, offered.upstream_name, offered.price),
+                            provider.circuit_breaker)
 
-    def _offer(self, candidate: Candidate) -> None:
+    def _offer(self, candidate: Candidate, breaker: CircuitBreaker) -> None:
+        self.routes[(candidate.provider, candidate.model)] = RouteState(breaker=breaker)
         self.candidates.setdefault(candidate.model, []).append(candidate)
         self.owners.setdefault(candidate.model, []).append(candidate.provider)
 
@@ -147,9 +162,10 @@ class Router:
         if prefs.sort == "price":
             ranked = sorted(candidates, key=lambda c: (c.price.prompt + c.price.completion, c.provider))
         elif prefs.sort == "latency":  # unmeasured providers first: they get measured
-            ranked = sorted(candidates, key=lambda c: self.states[c.provider].ttft_s or 0.0)
+            ranked = sorted(candidates, key=lambda c: self.routes[(c.provider, c.model)].ttft_s or 0.0)
         elif prefs.sort == "throughput":
-            ranked = sorted(candidates, key=lambda c: -(self.states[c.provider].tokens_per_s or float("inf")))
+            ranked = sorted(candidates,
+                            key=lambda c: -(self.routes[(c.provider, c.model)].tokens_per_s or float("inf")))
         else:
             ranked = self._default_order(candidates)
         if prefs.order:
@@ -171,40 +187,48 @@ class Router:
 
     # -- attempts -----------------------------------------------------------------------------------
 
-    def acquire(self, provider: str) -> tuple[Lease | None, str]:
+    def acquire(self, candidate: Candidate) -> tuple[Lease | None, str]:
         """A lease for one attempt, or None with the reason ("circuit_open", "busy")."""
-        state = self.states[provider]
-        now = self.clock()
+        state = self.states[candidate.provider]
+        route = self.routes[(candidate.provider, candidate.model)]
         probe = False
-        if state.consecutive_failures >= state.breaker.failure_threshold:
-            if now < state.open_until or state.probing:
+        if route.is_open:
+            if self.clock() < route.open_until or route.probing:
                 return None, "circuit_open"
             probe = True  # cooled down: let one request through to probe
-            state.probing = True
+            route.probing = True
         if state.max_concurrency is not None and state.in_flight >= state.max_concurrency:
             if probe:
-                state.probing = False
+                route.probing = False
             return None, "busy"
         state.in_flight += 1
-        return Lease(provider, probe=probe), "ok"
+        return Lease(candidate.provider, candidate.model, probe=probe), "ok"
 
     def release(self, lease: Lease, ok: bool, ttft_s: float | None = None,
                 tokens_per_s: float | None = None) -> None:
-        state = self.states[lease.provider]
-        state.in_flight -= 1
+        self.states[lease.provider].in_flight -= 1
+        route = self.routes[(lease.provider, lease.model)]
         if lease.probe:
-            state.probing = False
+            route.probing = False
         if ok:
-            state.consecutive_failures = 0
+            route.consecutive_failures = 0
             if ttft_s is not None:
-                state.observe(ttft_s, tokens_per_s)
+                route.observe(ttft_s, tokens_per_s)
         else:
-            state.consecutive_failures += 1
-            if state.consecutive_failures >= state.breaker.failure_threshold:
-                state.open_until = self.clock() + state.breaker.cooldown_s
+            route.consecutive_failures += 1
+            if route.is_open:
+                route.open_until = self.clock() + route.breaker.cooldown_s
 
     def snapshot(self) -> dict[str, dict]:
-        return {name: {"in_flight": s.in_flight, "ttft_s": s.ttft_s, "tokens_per_s": s.tokens_per_s,
-                       "consecutive_failures": s.consecutive_failures,
-                       "circuit": "open" if s.consecutive_failures >= s.breaker.failure_threshold else "closed"}
-                for name, s in self.states.items()}
+        """Per provider: requests in flight, and per model its moving figures and circuit. The provider's
+        own `circuit` is open when every model's is, partial when some are."""
+        view = {}
+        for name, state in self.states.items():
+            models = {model: {"ttft_s": r.ttft_s, "tokens_per_s": r.tokens_per_s,
+                              "consecutive_failures": r.consecutive_failures,
+                              "circuit": "open" if r.is_open else "closed"}
+                      for (provider, model), r in self.routes.items() if provider == name}
+            opened = sum(m["circuit"] == "open" for m in models.values())
+            circuit = "closed" if opened == 0 else ("open" if opened == len(models) else "partial")
+            view[name] = {"in_flight": state.in_flight, "circuit": circuit, "models": models}
+        return view

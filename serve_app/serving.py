@@ -30,6 +30,7 @@ log = logging.getLogger("tuneserve.serving")
 
 # Which models an endpoint takes: generating models, or embedding models.
 ENDPOINT_TASK = {"chat": "generate", "completions": "generate", "responses": "generate", "embeddings": "embed"}
+DEFAULT_CONTEXT = 8192  # what a remote model's context is taken to be, for tokens-per-minute reservations
 _ID_PREFIX = {"chat": "chatcmpl", "completions": "cmpl", "responses": "resp", "embeddings": "embd"}
 
 
@@ -43,7 +44,7 @@ def api_error_from_engine(exc: EngineRequestError) -> APIError:
 
 class OpenAIServing:
     def __init__(self, providers: dict[str, Provider], router: Router, accounting: Accounting,
-                 metrics: ServingMetrics, max_n: int, retry_policies: dict, task_of):
+                 metrics: ServingMetrics, max_n: int, retry_policies: dict, task_of, context_of=lambda model: None):
         self.providers = providers
         self.router = router
         self.accounting = accounting
@@ -51,16 +52,18 @@ class OpenAIServing:
         self.max_n = max_n
         self.retry_policies = retry_policies  # provider name -> RetryPolicy
         self.task_of = task_of  # public model id -> "generate" | "embed"
+        self.context_of = context_of  # public model id -> its context length, when we know it (local)
 
     async def handle(self, endpoint: str, raw: dict, body, key: ApiKey | None):
         """Serve one request. `raw` is the client's JSON as sent; `body` its validated form."""
         requested = body.requested_models()
         self.router.expand(requested)  # unknown models are a 404 before any limit is spent
         self._check_task(endpoint, requested)
-        self.accounting.admit(key, requested)
         if getattr(body, "n", 1) > self.max_n:
             raise APIError(400, f"'n' must be at most {self.max_n} on this server.", param="n")
         plan = self.router.plan(requested, body.provider, parameters_sent(raw))
+        reserve = self._token_reservation(endpoint, raw, requested) if key is not None and key.tpm else 0
+        reservation = self.accounting.admit(key, requested, reserve)
         started = time.perf_counter()
         engine_id = uuid.uuid4().hex  # vLLM prefixes it itself: chatcmpl-<id>, cmpl-<id>
         request_id = f"{_ID_PREFIX[endpoint]}-{engine_id}"
@@ -70,10 +73,13 @@ class OpenAIServing:
             forwarded["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
         call = _Call(endpoint, body.model, request_id, started, key, wants_usage)
         call.engine_id = engine_id
+        call.reservation = reservation
         try:
             candidate, lease, stream, first = await self._first_piece(call, plan, forwarded)
-        except APIError as exc:
-            self.metrics.requests.labels(body.model, endpoint, str(exc.status_code)).inc()
+        except BaseException as exc:  # no provider answered, or the client left: nothing was used
+            if isinstance(exc, APIError):
+                self.metrics.requests.labels(body.model, endpoint, str(exc.status_code)).inc()
+            self.accounting.record(key, 0, 0, 0.0, reservation)
             raise
         call.commit(candidate, lease)
         self.metrics.ttft.labels(candidate.model).observe(time.perf_counter() - started)
@@ -96,6 +102,18 @@ class OpenAIServing:
             call.finish(self, ok=True, status="499")  # no-op when already finished; else the client left
         return JSONResponse(payload, headers=headers)
 
+    def _token_reservation(self, endpoint: str, raw: dict, requested: list[str]) -> int:
+        """What a request may use at most, for tokens-per-minute limits: its prompt (JSON characters / 4,
+        which overestimates) plus its output limit, or the context left when it sets none."""
+        prompt = len(json.dumps(raw.get("messages") or raw.get("prompt") or raw.get("input") or "")) // 4
+        if endpoint == "embeddings":
+            return prompt
+        limit = raw.get("max_completion_tokens") or raw.get("max_tokens") or raw.get("max_output_tokens")
+        if limit is None:
+            limit = 16 if endpoint == "completions" else max(
+                (self.context_of(model) or DEFAULT_CONTEXT) - prompt for model in self.router.expand(requested))
+        return prompt + max(int(limit), 0) * int(raw.get("n") or 1)
+
     def _check_task(self, endpoint: str, requested: list[str]) -> None:
         wanted = ENDPOINT_TASK[endpoint]
         for model in self.router.expand(requested):
@@ -112,7 +130,7 @@ class OpenAIServing:
             policy = self.retry_policies.get(candidate.provider)
             tries = policy.attempts if policy else 1
             for attempt in range(tries):
-                lease, why = self.router.acquire(candidate.provider)
+                lease, why = self.router.acquire(candidate)
                 if lease is None:
                     call.attempts.append((candidate.provider, why))
                     self.metrics.provider_attempts.labels(candidate.provider, why).inc()
@@ -203,6 +221,7 @@ class _Call:
         self.key = key
         self.wants_usage = wants_usage
         self.engine_id = request_id
+        self.reservation = None
         self.attempts: list[tuple[str, str]] = []
         self.candidate: Candidate | None = None
         self.lease: Lease | None = None
@@ -247,7 +266,7 @@ class _Call:
         tokens_per_s = self.completion_tokens / decode_s if ok and decode_s > 0 and self.completion_tokens > 1 else None
         serving.router.release(self.lease, ok=ok, ttft_s=self.first_chunk_at - self.started,
                                tokens_per_s=tokens_per_s)
-        serving.accounting.record(self.key, self.prompt_tokens, self.completion_tokens, self.cost())
+        serving.accounting.record(self.key, self.prompt_tokens, self.completion_tokens, self.cost(), self.reservation)
         metrics, model = serving.metrics, self.model
         metrics.requests.labels(model, self.endpoint, status).inc()
         metrics.prompt_tokens.labels(model).inc(self.prompt_tokens)

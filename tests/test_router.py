@@ -201,10 +201,15 @@ def test_rate_limit_requests_per_minute(server):
 
 
 def test_rate_limit_tokens_per_minute(server):
+    """tpm 40: each request reserves its prompt plus max_tokens at admission (~10 + 4 here)."""
     tokens = _key_client(server, "tokens")
     reply, _ = routed(tokens, model="echo-model", **prefs(only=["fast"]))
-    assert reply.usage.total_tokens < 40
-    tokens.chat.completions.create(model="echo-model", messages=HI, max_tokens=40, extra_body={"provider": {"only": ["fast"]}})
+    assert reply.usage.total_tokens < 20
+    with pytest.raises(openai.RateLimitError) as caught:  # could use 40 + its prompt: never admissible
+        tokens.chat.completions.create(model="echo-model", messages=HI, max_tokens=40,
+                                       extra_body={"provider": {"only": ["fast"]}})
+    assert "Request too large" in caught.value.message
+    routed(tokens, model="echo-model", **prefs(only=["fast"]))  # ~28 of 40 used
     with pytest.raises(openai.RateLimitError):
         routed(tokens, model="echo-model", **prefs(only=["fast"]))
 
