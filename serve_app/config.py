@@ -255,16 +255,15 @@ class AppConfig(_Strict):
         ids = [i for i, _ in self.local_models()] + [m.id for p in self.providers for m in p.models]
         return list(dict.fromkeys(ids))
 
-    def task_of(self, model_id: str) -> str:
-        """'generate' or 'embed' for a public model id (the first definition wins, as in model_ids)."""
+    def tasks(self) -> dict[str, str]:
+        """'generate' or 'embed' per public model id (the first definition wins, as in model_ids)."""
+        tasks: dict[str, str] = {}
         for public_id, model in self.local_models():
-            if public_id == model_id:
-                return model.task
+            tasks.setdefault(public_id, model.task)
         for provider in self.providers:
             for model in provider.models:
-                if model.id == model_id:
-                    return model.task
-        raise KeyError(model_id)
+                tasks.setdefault(model.id, model.task)
+        return tasks
 
 
 def hash_key(key: str) -> str:

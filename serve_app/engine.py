@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from serve_app.config import ModelConfig
-from serve_app.protocol import LOCAL_PARAMETERS
+from serve_app.protocol import LOCAL_PARAMETERS, format_validation_error
 from serve_app.providers.base import Piece, Usage
 
 log = logging.getLogger("tuneserve.engine")
@@ -118,8 +118,6 @@ class EngineDeployment:
         engine_kwargs.update(model.engine_kwargs)  # the user's own settings win
         engine_kwargs["structured_outputs_config"] = vllm_adapter.structured_outputs_config(
             engine_kwargs.get("structured_outputs_config"))
-        if model.reasoning_parser:  # 0.26 copies the engine arg into the structured-output config
-            engine_kwargs["structured_outputs_config"].reasoning_parser = model.reasoning_parser
         started = time.monotonic()
         engine_args = AsyncEngineArgs(**engine_kwargs)
         # As an OpenAI server we take the defaults vLLM's own server takes. The library default
@@ -127,11 +125,9 @@ class EngineDeployment:
         # H100, which queued prefills and added ~150 ms TTFT at 64 streams (docs/benchmarks.md).
         self.engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         args = vllm_adapter.serve_args(engine_args, {
-            "served_model_name": [model.id],
             "lora_modules": lora_modules or None,
             "enable_auto_tool_choice": model.tool_parser is not None and model.task == "generate",
             "tool_call_parser": model.tool_parser if model.task == "generate" else None,
-            "disable_log_stats": False,
         })
         self.state, self.tasks = await vllm_adapter.build_serving(self.engine, args)
         self.adapter = vllm_adapter
@@ -159,8 +155,11 @@ class EngineDeployment:
             body.setdefault("store", False)
         try:
             request = self.validators[endpoint].validate_python(body)
-        except Exception as exc:  # pydantic ValidationError, or a validator's own ValueError
-            yield _refusal(400, _validation_message(exc), _validation_param(exc))
+        except Exception as exc:  # pydantic's ValidationError; anything else is refused with its own words
+            if callable(getattr(exc, "errors", None)):
+                yield Piece(status=400, error=format_validation_error(exc.errors()).body()["error"])
+            else:
+                yield _refusal(400, str(exc))
             return
         try:
             result = await handler(request, None)
@@ -258,21 +257,3 @@ def _chunk_piece(frame: str) -> Piece | None:
 def _refusal(status: int, message: str, param: str | None = None, code: str | None = None) -> Piece:
     return Piece(status=status, error={"message": message, "type": "invalid_request_error", "param": param,
                                        "code": code})
-
-
-def _validation_param(exc: Exception) -> str | None:
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return None
-    loc = [str(part) for part in (errors()[0].get("loc") or ()) if not str(part).startswith(("function-", "union"))]
-    return ".".join(loc) or None
-
-
-def _validation_message(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return str(exc)
-    first = errors()[0]
-    param = _validation_param(exc)
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"Invalid value for '{param}': {message}" if param else message

@@ -92,8 +92,6 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
-    for error in errors:  # pydantic prefixes model-level messages with "Value error, "
-        error["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
     body_level = errors and tuple(errors[0].get("loc", ())) == ("body",)
     if body_level and errors[0].get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
         return APIError(400, "The request body must be a JSON object (Content-Type: application/json).",
@@ -125,12 +123,11 @@ class Ingress:
         self.providers = providers
         self.router = Router(config)
         self.accounting = Accounting(self.metrics)
-        local = dict(config.local_models())
         self.serving = OpenAIServing(providers, self.router, self.accounting, self.metrics, config.ingress.max_n,
                                      retry_policies={LOCAL_PROVIDER: config.ingress.local_engines.retry,
                                                      **{p.name: p.retry for p in config.providers}},
-                                     task_of=config.task_of,
-                                     context_of=lambda model: local[model].max_model_len if model in local else None)
+                                     tasks=config.tasks(),
+                                     contexts={i: m.max_model_len for i, m in config.local_models()})
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
         api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,
@@ -199,10 +196,7 @@ class Ingress:
         try:
             body = REQUEST_MODELS[endpoint].model_validate(raw)
         except ValidationError as exc:
-            errors = list(exc.errors())
-            for error in errors:  # pydantic prefixes model-level messages with "Value error, "
-                error["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
-            raise format_validation_error(errors) from None
+            raise format_validation_error(exc.errors()) from None
         return await self.serving.handle(endpoint, raw, body, request.state.api_key)
 
     @api.get("/admin/usage")

@@ -58,7 +58,9 @@ _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 def format_validation_error(errors: list[dict[str, Any]]) -> APIError:
     """Turn pydantic/FastAPI validation errors into one readable 400 that names the offending field."""
-    first = errors[0]
+    first = dict(errors[0])
+    # pydantic prefixes the messages of our own validators with "Value error, "
+    first["msg"] = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     # pydantic puts the union member's type name in the location; it means nothing to the client
     loc = [part for part in loc if part not in _UNION_TAGS and not part.startswith(("function-", "list[", "constrained-"))]

@@ -23,7 +23,7 @@ from serve_app.auth import Accounting
 from serve_app.config import ApiKey
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import ROUTING_FIELDS, APIError, parameters_sent
-from serve_app.providers.base import EngineRequestError, Piece, Provider, ProviderCall, ProviderError
+from serve_app.providers.base import EngineRequestError, Piece, Provider, ProviderCall, ProviderError, sse
 from serve_app.router import Candidate, Lease, Router
 
 log = logging.getLogger("tuneserve.serving")
@@ -34,35 +34,32 @@ DEFAULT_CONTEXT = 8192  # what a remote model's context is taken to be, for toke
 _ID_PREFIX = {"chat": "chatcmpl", "completions": "cmpl", "responses": "resp", "embeddings": "embd"}
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
 def api_error_from_engine(exc: EngineRequestError) -> APIError:
     return APIError(exc.status_code, exc.message, param=exc.param, code=exc.code, err_type=exc.err_type)
 
 
 class OpenAIServing:
     def __init__(self, providers: dict[str, Provider], router: Router, accounting: Accounting,
-                 metrics: ServingMetrics, max_n: int, retry_policies: dict, task_of, context_of=lambda model: None):
+                 metrics: ServingMetrics, max_n: int, retry_policies: dict, tasks: dict[str, str],
+                 contexts: dict[str, int]):
         self.providers = providers
         self.router = router
         self.accounting = accounting
         self.metrics = metrics
         self.max_n = max_n
         self.retry_policies = retry_policies  # provider name -> RetryPolicy
-        self.task_of = task_of  # public model id -> "generate" | "embed"
-        self.context_of = context_of  # public model id -> its context length, when we know it (local)
+        self.tasks = tasks  # public model id -> "generate" | "embed"
+        self.contexts = contexts  # public model id -> its context length, where we know it (local models)
 
     async def handle(self, endpoint: str, raw: dict, body, key: ApiKey | None):
         """Serve one request. `raw` is the client's JSON as sent; `body` its validated form."""
         requested = body.requested_models()
-        self.router.expand(requested)  # unknown models are a 404 before any limit is spent
-        self._check_task(endpoint, requested)
+        models = self.router.expand(requested)  # unknown models are a 404 before any limit is spent
+        self._check_task(endpoint, models)
         if getattr(body, "n", 1) > self.max_n:
             raise APIError(400, f"'n' must be at most {self.max_n} on this server.", param="n")
         plan = self.router.plan(requested, body.provider, parameters_sent(raw))
-        reserve = self._token_reservation(endpoint, raw, requested) if key is not None and key.tpm else 0
+        reserve = self._token_reservation(endpoint, raw, models) if key is not None and key.tpm else 0
         reservation = self.accounting.admit(key, requested, reserve)
         started = time.perf_counter()
         engine_id = uuid.uuid4().hex  # vLLM prefixes it itself: chatcmpl-<id>, cmpl-<id>
@@ -71,9 +68,7 @@ class OpenAIServing:
         forwarded = {k: v for k, v in raw.items() if k not in ROUTING_FIELDS}
         if body.stream and endpoint in ("chat", "completions"):  # usage is needed for accounting
             forwarded["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
-        call = _Call(endpoint, body.model, request_id, started, key, wants_usage)
-        call.engine_id = engine_id
-        call.reservation = reservation
+        call = _Call(endpoint, body.model, request_id, engine_id, started, key, wants_usage, reservation)
         try:
             candidate, lease, stream, first = await self._first_piece(call, plan, forwarded)
         except BaseException as exc:  # no provider answered, or the client left: nothing was used
@@ -102,7 +97,7 @@ class OpenAIServing:
             call.finish(self, ok=True, status="499")  # no-op when already finished; else the client left
         return JSONResponse(payload, headers=headers)
 
-    def _token_reservation(self, endpoint: str, raw: dict, requested: list[str]) -> int:
+    def _token_reservation(self, endpoint: str, raw: dict, models: list[str]) -> int:
         """What a request may use at most, for tokens-per-minute limits: its prompt (JSON characters / 4,
         which overestimates) plus its output limit, or the context left when it sets none."""
         prompt = len(json.dumps(raw.get("messages") or raw.get("prompt") or raw.get("input") or "")) // 4
@@ -111,13 +106,13 @@ class OpenAIServing:
         limit = raw.get("max_completion_tokens") or raw.get("max_tokens") or raw.get("max_output_tokens")
         if limit is None:
             limit = 16 if endpoint == "completions" else max(
-                (self.context_of(model) or DEFAULT_CONTEXT) - prompt for model in self.router.expand(requested))
+                self.contexts.get(model, DEFAULT_CONTEXT) - prompt for model in models)
         return prompt + max(int(limit), 0) * int(raw.get("n") or 1)
 
-    def _check_task(self, endpoint: str, requested: list[str]) -> None:
+    def _check_task(self, endpoint: str, models: list[str]) -> None:
         wanted = ENDPOINT_TASK[endpoint]
-        for model in self.router.expand(requested):
-            task = self.task_of(model)
+        for model in models:
+            task = self.tasks[model]
             if task != wanted:
                 what = "an embedding model" if task == "embed" else "a generative model"
                 use = "/v1/embeddings" if task == "embed" else "/v1/chat/completions, /v1/completions or /v1/responses"
@@ -194,14 +189,14 @@ class OpenAIServing:
             if usage_event is not None and call.wants_usage:
                 usage_event["model"] = call.model
                 usage_event["usage"]["cost"] = round(call.cost(), 10)
-                yield _sse(usage_event)
+                yield sse(usage_event)
         except (asyncio.CancelledError, GeneratorExit):
             status = "499"  # the client went away; closing the stream aborts the engine request
             raise
         except Exception as exc:  # bytes already went out: no fallback now; report in-band, as OpenAI does
             log.warning("stream %s from %s failed: %s", call.id, call.candidate.provider, exc)
             status, ok = "502", False
-            yield _sse(APIError(502, f"The provider failed mid-stream: {exc}", code="provider_error").body())
+            yield sse(APIError(502, f"The provider failed mid-stream: {exc}", code="provider_error").body())
         finally:
             await stream.aclose()
             call.finish(self, ok=ok, status=status)
@@ -212,16 +207,16 @@ class OpenAIServing:
 class _Call:
     """Book-keeping of one request: ids, attempts, token counts, and what is recorded at its end."""
 
-    def __init__(self, endpoint: str, model: str, request_id: str, started: float, key: ApiKey | None,
-                 wants_usage: bool):
+    def __init__(self, endpoint: str, model: str, request_id: str, engine_id: str, started: float,
+                 key: ApiKey | None, wants_usage: bool, reservation: list | None):
         self.endpoint = endpoint
         self.requested_model = model
         self.id = request_id
         self.started = started
         self.key = key
         self.wants_usage = wants_usage
-        self.engine_id = request_id
-        self.reservation = None
+        self.engine_id = engine_id  # the id the provider gets; vLLM prefixes it as OpenAI does
+        self.reservation = reservation  # this request's tokens-per-minute reservation, settled at the end
         self.attempts: list[tuple[str, str]] = []
         self.candidate: Candidate | None = None
         self.lease: Lease | None = None

@@ -121,9 +121,7 @@ def error_from_exception(exc: Exception) -> tuple[int, dict]:
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     except ImportError:  # 0.26
         from vllm.entrypoints.serve.utils.error_response import create_error_response
-    error = create_error_response(exc).error
-    return int(error.code), {"message": error.message, "type": error.type, "param": error.param,
-                             "code": None}
+    return error_response_body(create_error_response(exc))
 
 
 def result_kind(result) -> str:

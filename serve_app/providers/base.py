@@ -7,6 +7,7 @@ pickle fast and carry no vLLM types.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal, Protocol
 
@@ -90,6 +91,12 @@ class ProviderError(Exception):
         self.status = status
         self.retry_after_s = retry_after_s
         self.reason = reason  # short tag for the attempts header: "429", "500", "timeout", "connect", ...
+
+
+def sse(payload: dict, event: str | None = None) -> str:
+    """One SSE frame of compact JSON (with an `event:` line for the Responses API's named events)."""
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {data}\n\n" if event else f"data: {data}\n\n"
 
 
 def error_from_status(status: int, error: dict, provider: str) -> Exception:

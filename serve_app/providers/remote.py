@@ -17,7 +17,7 @@ from typing import AsyncIterator
 import httpx
 
 from serve_app.config import ProviderConfig
-from serve_app.providers.base import PATHS, EngineRequestError, Piece, ProviderCall, ProviderError, Usage
+from serve_app.providers.base import PATHS, EngineRequestError, Piece, ProviderCall, ProviderError, Usage, sse
 
 log = logging.getLogger("tuneserve.remote")
 
@@ -110,7 +110,7 @@ class RemoteProvider:
             raise ProviderError(f"{self.name}: answered with a body that is not JSON", reason="bad_body") from None
         if not isinstance(payload, dict) or payload.get("error"):
             raise ProviderError(f"{self.name}: answered 200 without a response: {raw[:200]!r}", reason="bad_body")
-        if call.endpoint in ("chat", "completions") and not _valid_choices(payload.get("choices"), call.endpoint):
+        if call.endpoint in ("chat", "completions") and not _valid_choices(payload.get("choices")):
             raise ProviderError(f"{self.name}: answered with malformed choices", reason="bad_body")
         payload["model"] = call.model
         return Piece(body=payload, usage=Usage.read(payload.get("usage")))
@@ -155,11 +155,11 @@ class RemoteProvider:
             if event.get("type") in ("response.completed", "response.incomplete", "response.failed"):
                 usage = Usage.read((response or {}).get("usage")) or Usage()
             name = event_name or event.get("type") or "message"
-            return Piece(sse=f"event: {name}\ndata: {_dumps(event)}\n\n", frames=1, usage=usage)
+            return Piece(sse=sse(event, name), frames=1, usage=usage)
         if "model" in event:
             event["model"] = call.model
         choices = event.get("choices")
-        if not _valid_choices(choices, call.endpoint, delta=True):
+        if not _valid_choices(choices, delta=True):
             raise ProviderError(f"{self.name}: sent a chunk with malformed choices", reason="bad_event")
         usage = Usage.read(event.get("usage"))
         if not choices:
@@ -168,14 +168,10 @@ class RemoteProvider:
             return Piece(usage=usage, usage_event=event)
         if usage is not None and not call.client_wants_usage:
             event.pop("usage")  # continuous usage the client did not ask for
-        return Piece(sse=f"data: {_dumps(event)}\n\n", frames=1, usage=usage)
+        return Piece(sse=sse(event), frames=1, usage=usage)
 
 
-def _dumps(event: dict) -> str:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-
-
-def _valid_choices(choices, endpoint: str, delta: bool = False) -> bool:
+def _valid_choices(choices, delta: bool = False) -> bool:
     if choices is None:
         return delta  # a stream's usage or metadata chunk may have none
     if not isinstance(choices, list):
