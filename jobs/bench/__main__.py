@@ -48,9 +48,13 @@ def ratios(reports: list[LoadReport], baseline: str) -> list[dict]:
 
 def parse_target(name: str) -> tuple[str, dict]:
     """`tuneserve:50` (stream interval 50 ms), `tuneserve@2` (2 replicas), `tuneserve@auto2` (autoscale 1→2),
-    `vllm+router` (raw vLLM, then our router in front of it)."""
+    `vllm+router` (raw vLLM, then our router in front of it), `tuneserve=DIR` (the app of another checkout)."""
     if name == "vllm+router":
         return "vllm", {"with_router": True}
+    name, _, checkout = name.partition("=")
+    if checkout:
+        kind, options = parse_target(name)
+        return kind, {**options, "checkout": checkout}
     name, _, scale = name.partition("@")
     kind, _, interval = name.partition(":")
     options: dict = {"stream_interval_ms": float(interval)} if interval else {}
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     serve = sub.add_parser("serve", help="serving throughput and latency: tuneserve vs raw vLLM vs ray.serve.llm")
     serve.add_argument("--targets", default="vllm,tuneserve,rayllm",
                        help=f"comma list of {sorted(TARGETS)}; tuneserve:MS sets its stream interval, "
-                       "tuneserve@N runs N engine replicas, tuneserve@autoN autoscales 1..N")
+                       "tuneserve@N runs N engine replicas, tuneserve@autoN autoscales 1..N, tuneserve=DIR runs "
+                       "the app of the checkout in DIR (before/after in one run)")
     serve.add_argument("--baseline", default="vllm", help="target the others are compared with")
     serve.add_argument("--model", default="default", help="HF folder or hub id ('default': cached SmolLM2)")
     serve.add_argument("--model-id", default="bench-model", help="name the model is served under")

@@ -4,7 +4,9 @@
 - `vllm`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`);
 - `vllm+router`: the same server, measured directly and also through our router (an app with no local
   engine whose remote provider is that server: ingress → routing → pooled HTTP → SSE re-rendering);
-- `rayllm`: Ray's `ray.serve.llm` OpenAI app.
+- `rayllm`: Ray's `ray.serve.llm` OpenAI app;
+- `tuneserve=DIR`: our app as the checkout in DIR builds it, in its own process and Ray instance (a
+  before/after pair in one run: `tuneserve=/tmp/before,tuneserve=.`).
 
 Each is a context manager that yields {label: base URL (`http://127.0.0.1:PORT/v1`)} and stops what it
 started.
@@ -123,26 +125,77 @@ def router_in_front(spec: EngineSpec, upstream_url: str) -> Iterator[str]:
         yield url
 
 
-@contextlib.contextmanager
-def tuneserve(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int = 1,
-              autoscale_to: int | None = None, ingress_replicas: int | None = None,
-              target_ongoing_requests: float = 48) -> Iterator[dict[str, str]]:
-    """Our app. `replicas` engine replicas, or autoscaling from 1 to `autoscale_to` on ongoing requests;
-    one ingress replica per engine replica unless `ingress_replicas` is given."""
-    from serve_app.app import build_from_config
-    from serve_app.config import AppConfig
-
+def tuneserve_config(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int = 1,
+                     autoscale_to: int | None = None, ingress_replicas: int | None = None,
+                     target_ongoing_requests: float = 48) -> dict:
+    """The app config of the bench: `replicas` engine replicas, or autoscaling from 1 to `autoscale_to` on
+    ongoing requests; one ingress replica per engine replica unless `ingress_replicas` is given."""
     scaling = {"num_replicas": replicas} if autoscale_to is None else {"autoscaling_config": {
         "min_replicas": 1, "max_replicas": autoscale_to, "target_ongoing_requests": target_ongoing_requests,
         "upscale_delay_s": 5, "downscale_delay_s": 600}}
-    config = AppConfig.model_validate({"models": [{
+    return {"models": [{
         "id": spec.model_id, "path": spec.path, "dtype": spec.dtype, "max_model_len": spec.max_model_len,
         **scaling, "max_ongoing_requests": 256, "stream_interval_ms": stream_interval_ms,
         "resources": {"num_cpus": 1, "num_gpus": 1 if spec.on_gpu else 0},
         "engine_kwargs": {k: v for k, v in spec.vllm_kwargs().items() if k not in ("dtype", "max_model_len")},
-    }], "ingress": {"num_replicas": ingress_replicas or autoscale_to or replicas}})
-    with served(build_from_config(config)) as url:
+    }], "ingress": {"num_replicas": ingress_replicas or autoscale_to or replicas}}
+
+
+@contextlib.contextmanager
+def tuneserve(spec: EngineSpec, checkout: str | None = None, **options) -> Iterator[dict[str, str]]:
+    """Our app, in this process's Ray instance, or (`checkout`) as another source tree builds it."""
+    if checkout is not None:
+        with tuneserve_from_checkout(spec, checkout, **options) as urls:
+            yield urls
+        return
+    from serve_app.app import build_from_config
+    from serve_app.config import AppConfig
+
+    with served(build_from_config(AppConfig.model_validate(tuneserve_config(spec, **options)))) as url:
         yield {"tuneserve": url}
+
+
+# Runs in the other checkout, which is first on its PYTHONPATH: its own Ray instance, its own serve_app.
+_CHECKOUT_SERVER = """
+import json, signal, sys, time
+import ray
+from ray import serve
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that atexit stops Serve and this Ray instance
+ray.init(address="local", include_dashboard=False, log_to_driver=False)
+from serve_app.app import build_from_config
+from serve_app.config import AppConfig
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
+try:
+    serve.run(build_from_config(AppConfig.model_validate(json.loads(sys.argv[1]))), name="bench", route_prefix="/")
+    while True:
+        time.sleep(3600)
+finally:
+    serve.shutdown()
+    ray.shutdown()
+"""
+
+
+@contextlib.contextmanager
+def tuneserve_from_checkout(spec: EngineSpec, checkout: str, **options) -> Iterator[dict[str, str]]:
+    root = os.path.abspath(checkout)
+    if not os.path.isdir(os.path.join(root, "serve_app")):
+        raise ValueError(f"tuneserve={checkout}: no serve_app/ in {root}")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    log = tempfile.NamedTemporaryFile(prefix="bench-checkout-", suffix=".log", delete=False)
+    process = subprocess.Popen([sys.executable, "-c", _CHECKOUT_SERVER, json.dumps(tuneserve_config(spec, **options)),
+                                str(port)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models", process=process)
+        yield {f"tuneserve={checkout}": f"http://127.0.0.1:{port}/v1"}
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; the app's log: {log.name}") from None
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=120)  # Serve and Ray shut down; the GPU must be free for the next target
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @contextlib.contextmanager
