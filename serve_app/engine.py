@@ -203,8 +203,9 @@ class EngineDeployment:
                 sent += piece.frames
                 # While we sleep, vLLM's per-request collector merges new deltas into one output: the first
                 # token leaves at once, later ones at most one interval late. Responses events other than
-                # deltas carry no tokens (frames = 0) and do not wait.
-                if self.stream_interval_s > 0 and piece.frames:
+                # deltas carry no tokens (frames = 0) and do not wait, nor does the frame that finishes the
+                # choice: only the usage chunk and [DONE] follow it, and the client's stream should end now.
+                if self.stream_interval_s > 0 and piece.frames and _FINISHED not in piece.sse:
                     await asyncio.sleep(self.stream_interval_s)
             if held is not None:
                 yield held
@@ -240,6 +241,7 @@ class EngineDeployment:
 
 
 _DONE = "data: [DONE]\n\n"
+_FINISHED = '"finish_reason":"'  # in a frame whose choice has finished (vLLM writes compact JSON)
 
 
 def _chunk_piece(frame: str) -> Piece | None:
