@@ -14,16 +14,12 @@ from ray.serve import Application
 
 from cluster.local import SERVE_REPLICA_ENV
 from cluster.resources import cluster_has_gpus
-from serve_app.config import DEFAULT_CONFIG, AppConfig, ModelConfig, load_config
+from serve_app.config import DEFAULT_CONFIG, AppConfig, ModelConfig, engine_deployment_name, load_config
 from serve_app.engine import CPU_ENGINE_ENV, ENGINE_ENV, EngineDeployment
 from serve_app.ingress import Ingress
 
 log = logging.getLogger("tuneserve.app")
 HEAD_NODE_RESOURCE = "node:__internal_head__"
-
-
-def engine_deployment_name(model_id: str) -> str:
-    return "Engine:" + model_id.replace("/", "--")
 
 
 def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:

@@ -266,6 +266,11 @@ class AppConfig(_Strict):
         return tasks
 
 
+def engine_deployment_name(model_id: str) -> str:
+    """The Serve deployment of a local model's engines."""
+    return "Engine:" + model_id.replace("/", "--")
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

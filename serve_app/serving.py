@@ -31,6 +31,7 @@ log = logging.getLogger("tuneserve.serving")
 # Which models an endpoint takes: generating models, or embedding models.
 ENDPOINT_TASK = {"chat": "generate", "completions": "generate", "responses": "generate", "embeddings": "embed"}
 DEFAULT_CONTEXT = 8192  # what a remote model's context is taken to be, for tokens-per-minute reservations
+_CLEANUP_TIMEOUT_S = 10.0  # a provider that does not close its request by then is left to GC
 _ID_PREFIX = {"chat": "chatcmpl", "completions": "cmpl", "responses": "resp", "embeddings": "embd"}
 
 
@@ -82,8 +83,12 @@ class OpenAIServing:
                    "X-Tuneserve-Attempts": call.attempts_header()}
         if first.body is None:  # a stream
             headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return StreamingResponse(self._stream_events(call, first, stream), media_type="text/event-stream",
-                                     headers=headers)
+
+            async def close() -> None:  # the client left before the body was read: nothing else will
+                await stream.aclose()
+                call.finish(self, ok=True, status="499")
+
+            return ProviderStreamResponse(self._stream_events(call, first, stream), close, headers=headers)
         try:
             call.count(first)
             payload = first.body
@@ -202,6 +207,34 @@ class OpenAIServing:
             call.finish(self, ok=ok, status=status)
         if call.endpoint != "responses":  # the Responses API ends with its response.completed event
             yield "data: [DONE]\n\n"
+
+
+class ProviderStreamResponse(StreamingResponse):
+    """An SSE response whose clean-up (lease, accounting, metrics, the provider's request) belongs to the
+    response, not to its body generator: a generator whose first step never ran (the client left while the
+    headers were going out, and the server cancelled the response) never runs its `finally` either."""
+
+    def __init__(self, events: AsyncIterator[str], close, headers: dict[str, str]):
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # In a task of its own: this one may be cancelled (and stay so for anyio), and the clean-up must
+            # run to the end all the same.
+            cleanup = asyncio.ensure_future(self.aclose())
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                await asyncio.wait([cleanup], timeout=_CLEANUP_TIMEOUT_S)
+                raise
+
+    async def aclose(self) -> None:
+        """Idempotent: closes the body generator, then releases whatever it did not."""
+        await self.body_iterator.aclose()
+        await self._close()
 
 
 class _Call:

@@ -118,6 +118,25 @@ def test_body_too_large(http):
     assert "limit" in error["message"]
 
 
+def test_chunked_body_too_large(http):
+    """Defect 7 of #15: without Content-Length (chunked transfer), the limit is counted as the body arrives."""
+    import json
+
+    payload = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * (300 * 1024)}]}).encode()
+
+    def chunks():
+        for start in range(0, len(payload), 16 * 1024):
+            yield payload[start:start + 16 * 1024]
+
+    response = http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    error = _error(response, 413)
+    assert error["code"] == "request_too_large" and "limit" in error["message"]
+    small = json.dumps(GOOD).encode()
+    assert http.post("/v1/chat/completions", content=iter([small[:10], small[10:]]),
+                     headers={"Content-Type": "application/json"}).status_code == 200
+
+
 def test_missing_and_wrong_api_key(server):
     import httpx
 

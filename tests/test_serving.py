@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import EMBED_MODEL_ID, MODEL_ID, TEST_KEY
+from tests.conftest import EMBED_MODEL_ID, ENGINE_MAX_ONGOING, MODEL_ID, TEST_KEY
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -190,6 +190,27 @@ def test_health_and_metrics(server, client):
     for name in ("tuneserve_time_to_first_token_seconds_bucket", "tuneserve_request_latency_seconds_bucket",
                  "tuneserve_completion_tokens_total", "tuneserve_prompt_tokens_total"):
         assert name in metrics
+
+
+def test_health_while_every_engine_slot_is_busy(server):
+    """Defect 6 of #15: a saturated but healthy engine is healthy. /health now reads Serve's replica states
+    and sends the engines nothing. The old probe (an ordinary engine call) passed this test too on Ray 2.60:
+    Serve did not hold it behind max_ongoing_requests, so the defect as filed did not reproduce."""
+    import contextlib
+
+    body = {"model": MODEL_ID, "messages": FRANCE, "max_tokens": 300, "ignore_eos": True, "stream": True,
+            "provider": {"only": ["local"]}}
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {TEST_KEY}"}) as http, \
+            contextlib.ExitStack() as streams:
+        for _ in range(ENGINE_MAX_ONGOING):  # every slot holds a long stream that has begun
+            response = streams.enter_context(http.stream("POST", f"{server}/v1/chat/completions", json=body))
+            assert response.status_code == 200 and response.headers["X-Tuneserve-Provider"] == "local"
+            assert next(response.iter_lines()).startswith("data: ")
+        started = time.perf_counter()
+        health = httpx.get(f"{server}/health", timeout=30)
+        elapsed = time.perf_counter() - started
+    assert health.status_code == 200, health.text
+    assert health.json()["models"][MODEL_ID] == "ok" and elapsed < 3.0, elapsed
 
 
 def test_engine_reports_its_model(engine_handle):

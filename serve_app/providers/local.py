@@ -36,8 +36,5 @@ class LocalEngineProvider:
             if not done:  # the client went away or failed: stop the engine's work on it
                 responses.cancel()
 
-    async def check_health(self, model_id: str) -> None:
-        await self._handles[model_id].check_health.remote()
-
     async def aclose(self) -> None:
         return None
