@@ -20,6 +20,7 @@ from serve_app.ingress import Ingress
 
 log = logging.getLogger("tuneserve.app")
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+DRAIN_POLL_S = 1.0  # a draining replica checks this often whether its last request has finished
 
 
 def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
@@ -36,7 +37,8 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
         max_ongoing_requests=model.max_ongoing_requests,
         health_check_period_s=10,
         health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=5,
+        graceful_shutdown_timeout_s=model.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         max_replicas_per_node=model.max_replicas_per_node,
         **model.serve_scaling(),
     )
@@ -64,7 +66,9 @@ def build_from_config(config: AppConfig) -> Application:
     actor_options = {"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}
     if config.ingress.placement == "head":
         actor_options["resources"] = {HEAD_NODE_RESOURCE: 0.001}  # Ray's marker resource of the head node
-    ingress = Ingress.options(num_replicas=config.ingress.num_replicas, ray_actor_options=actor_options)
+    ingress = Ingress.options(num_replicas=config.ingress.num_replicas, ray_actor_options=actor_options,
+                              graceful_shutdown_timeout_s=config.ingress.drain_timeout_s,
+                              graceful_shutdown_wait_loop_s=DRAIN_POLL_S)
     return ingress.bind(config, engines)
 
 

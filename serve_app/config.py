@@ -89,6 +89,10 @@ class ModelConfig(_Strict):
     num_replicas: int | None = Field(None, ge=1)
     autoscaling_config: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(64, ge=1)
+    # How long a replica being removed (scale-down, redeploy) may finish the requests it has; it takes no
+    # new ones meanwhile. The default covers a 4,096-token answer at ~15 tokens/s (this CPU's speed);
+    # Serve's own default (20 s) cut longer streams.
+    drain_timeout_s: float = Field(300.0, gt=0)
     # Serve spreads replicas over nodes by default; this caps how many may share one node.
     max_replicas_per_node: int | None = Field(None, ge=1)
     resources: Resources = Field(default_factory=Resources)
@@ -218,6 +222,8 @@ class IngressConfig(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     api_keys: list[ApiKey] = Field(default_factory=list)
     max_n: int = Field(16, ge=1)
+    # As ModelConfig.drain_timeout_s, for ingress replicas: every stream, local or remote, passes one.
+    drain_timeout_s: float = Field(300.0, gt=0)
 
 
 class AppConfig(_Strict):

@@ -49,7 +49,7 @@ class RequestGuard:
             path, root = scope["path"], scope.get("root_path", "")
             if root and path.startswith(root):  # an app under a route prefix: match its own routes
                 path = path[len(root):]
-            if path.startswith(("/v1/", "/admin/")):
+            if path.startswith(("/v1/", "/admin/")) or path == "/metrics":
                 headers = dict(scope.get("headers") or ())
                 authorization = headers.get(b"authorization", b"").decode("latin-1") or None
                 scope.setdefault("state", {})["api_key"] = self.keys.authenticate(authorization)
@@ -108,6 +108,12 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error")
     return APIError(500, f"Internal error: {type(exc).__name__}").response()
+
+
+def _require_admin(request: Request, what: str) -> None:
+    key = request.state.api_key  # None when auth is off
+    if key is not None and not key.admin:
+        raise APIError(403, f"This API key may not {what}: it needs admin: true.", code="not_admin")
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
@@ -202,9 +208,7 @@ class Ingress:
     @api.get("/admin/usage")
     async def usage(self, request: Request) -> dict:
         """Per-key usage of this ingress replica, and the router's live view of each provider."""
-        key = request.state.api_key
-        if key is not None and not key.admin:
-            raise APIError(403, "This API key may not read usage: it needs admin: true.", code="not_admin")
+        _require_admin(request, "read usage")
         return {"keys": self.accounting.report(), "providers": self.router.snapshot()}
 
     @api.get("/health")
@@ -236,5 +240,7 @@ class Ingress:
         return states
 
     @api.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text. With API keys configured it takes an admin key: it names keys and their spend."""
+        _require_admin(request, "read metrics")
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import EMBED_MODEL_ID, ENGINE_MAX_ONGOING, MODEL_ID, TEST_KEY
+from tests.conftest import EMBED_MODEL_ID, ENGINE_MAX_ONGOING, KEYS, MODEL_ID, TEST_KEY
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -185,7 +185,11 @@ def test_health_and_metrics(server, client):
     client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=2)
     health = httpx.get(f"{server}/health", timeout=30)
     assert health.status_code == 200 and health.json()["models"] == {MODEL_ID: "ok", EMBED_MODEL_ID: "ok"}
-    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    # /metrics names keys and their spend: with keys configured it takes an admin key
+    assert httpx.get(f"{server}/metrics", timeout=30).status_code == 401
+    not_admin = httpx.get(f"{server}/metrics", timeout=30, headers={"Authorization": f"Bearer {KEYS['restricted'][0]}"})
+    assert not_admin.status_code == 403 and not_admin.json()["error"]["code"] == "not_admin"
+    metrics = httpx.get(f"{server}/metrics", timeout=30, headers={"Authorization": f"Bearer {TEST_KEY}"}).text
     assert f'tuneserve_requests_total{{endpoint="chat",model="{MODEL_ID}",status="200"}}' in metrics
     for name in ("tuneserve_time_to_first_token_seconds_bucket", "tuneserve_request_latency_seconds_bucket",
                  "tuneserve_completion_tokens_total", "tuneserve_prompt_tokens_total"):
