@@ -35,6 +35,7 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
         name=engine_deployment_name(model.id),
         ray_actor_options=actor_options,
         max_ongoing_requests=model.max_ongoing_requests,
+        max_queued_requests=model.max_queued_requests,
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=model.drain_timeout_s,

@@ -89,6 +89,10 @@ class ModelConfig(_Strict):
     num_replicas: int | None = Field(None, ge=1)
     autoscaling_config: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(64, ge=1)
+    # Requests each ingress replica holds for this model while every engine slot is taken; past it the
+    # request is shed at once (503 with Retry-After, or the next provider) instead of queueing without end.
+    # -1: no bound.
+    max_queued_requests: int = Field(256, ge=-1)
     # How long a replica being removed (scale-down, redeploy) may finish the requests it has; it takes no
     # new ones meanwhile. The default covers a 4,096-token answer at ~15 tokens/s (this CPU's speed);
     # Serve's own default (20 s) cut longer streams.

@@ -204,12 +204,16 @@ class Router:
         state.in_flight += 1
         return Lease(candidate.provider, candidate.model, probe=probe), "ok"
 
-    def release(self, lease: Lease, ok: bool, ttft_s: float | None = None,
+    def release(self, lease: Lease, ok: bool | None, ttft_s: float | None = None,
                 tokens_per_s: float | None = None) -> None:
+        """ok: the provider served; False: it failed (counts towards its breaker); None: no verdict
+        (it was overloaded: busy, not broken)."""
         self.states[lease.provider].in_flight -= 1
         route = self.routes[(lease.provider, lease.model)]
         if lease.probe:
             route.probing = False
+        if ok is None:
+            return
         if ok:
             route.consecutive_failures = 0
             if ttft_s is not None:

@@ -23,7 +23,8 @@ from serve_app.auth import Accounting
 from serve_app.config import ApiKey
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import ROUTING_FIELDS, APIError, parameters_sent
-from serve_app.providers.base import EngineRequestError, Piece, Provider, ProviderCall, ProviderError, sse
+from serve_app.providers.base import (OVERLOADED, EngineRequestError, Piece, Provider, ProviderCall, ProviderError,
+                                     sse)
 from serve_app.router import Candidate, Lease, Router
 
 log = logging.getLogger("tuneserve.serving")
@@ -146,13 +147,15 @@ class OpenAIServing:
                     raise api_error_from_engine(exc) from None
                 except (ProviderError, StopAsyncIteration) as exc:
                     await stream.aclose()
-                    self.router.release(lease, ok=False)
                     reason = exc.reason if isinstance(exc, ProviderError) else "empty"
+                    # Overloaded is busy, not broken: no breaker count, and no retry here; on to the next.
+                    self.router.release(lease, ok=None if reason == OVERLOADED else False)
                     call.attempts.append((candidate.provider, reason))
                     self.metrics.provider_attempts.labels(candidate.provider, reason).inc()
                     log.warning("attempt %d on %s for %s failed: %s", attempt + 1, candidate.provider,
                                 candidate.model, exc)
-                    wait = self._backoff(policy, attempt, getattr(exc, "retry_after_s", None))
+                    wait = None if reason == OVERLOADED else self._backoff(policy, attempt,
+                                                                            getattr(exc, "retry_after_s", None))
                     if wait is None or attempt + 1 == tries:
                         break
                     await asyncio.sleep(wait)

@@ -23,6 +23,7 @@ MODEL_ID = "smollm2-135m-instruct"
 EMBED_MODEL_ID = "smollm2-embed"
 TEST_MAX_MODEL_LEN = 1024
 ENGINE_MAX_ONGOING = 8  # the test engine's request slots: /health must not wait for one
+ENGINE_MAX_QUEUED = 2  # requests the ingress holds for it beyond those; the next ones are shed
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -198,6 +199,7 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
             "max_model_len": TEST_MAX_MODEL_LEN,
             "num_replicas": 1,
             "max_ongoing_requests": ENGINE_MAX_ONGOING,
+            "max_queued_requests": ENGINE_MAX_QUEUED,
             "resources": {"num_cpus": 1},
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
             # the fine-tuned adapter, served by this engine through vLLM's LoRA support

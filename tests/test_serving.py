@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import EMBED_MODEL_ID, ENGINE_MAX_ONGOING, KEYS, MODEL_ID, TEST_KEY
+from tests.conftest import EMBED_MODEL_ID, ENGINE_MAX_ONGOING, ENGINE_MAX_QUEUED, KEYS, MODEL_ID, TEST_KEY
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -215,6 +215,39 @@ def test_health_while_every_engine_slot_is_busy(server):
         elapsed = time.perf_counter() - started
     assert health.status_code == 200, health.text
     assert health.json()["models"][MODEL_ID] == "ok" and elapsed < 3.0, elapsed
+
+
+def test_overload_is_shed_at_once(server):
+    """Every engine slot busy and the ingress's queue for it full: the next requests get a 503 with
+    Retry-After at once (no retries against a busy engine, no breaker count); the queued ones are served."""
+    import concurrent.futures
+    import contextlib
+
+    headers = {"Authorization": f"Bearer {TEST_KEY}"}
+    local = {"model": MODEL_ID, "messages": FRANCE, "provider": {"only": ["local"]}}
+    long_body = {**local, "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=120, headers=headers) as http, contextlib.ExitStack() as streams, \
+            concurrent.futures.ThreadPoolExecutor(ENGINE_MAX_QUEUED + 6) as pool:
+        for _ in range(ENGINE_MAX_ONGOING):
+            response = streams.enter_context(http.stream("POST", f"{server}/v1/chat/completions", json=long_body))
+            assert response.status_code == 200 and next(response.iter_lines()).startswith("data: ")
+        def short() -> tuple[httpx.Response, float]:
+            started = time.perf_counter()
+            response = http.post(f"{server}/v1/chat/completions", json={**local, "max_tokens": 2})
+            return response, time.perf_counter() - started
+
+        burst = [pool.submit(short) for _ in range(ENGINE_MAX_QUEUED + 6)]
+        time.sleep(3)  # the queue fills; the rest are shed
+        streams.close()  # the long streams end: the queued requests get their slots
+        results = [future.result(timeout=120) for future in burst]
+    shed = [(r, t) for r, t in results if r.status_code == 503]
+    assert {r.status_code for r, _ in results} <= {200, 503}, [r.text for r, _ in results]
+    assert len(shed) >= 2 and len(results) - len(shed) >= ENGINE_MAX_QUEUED, [r.status_code for r, _ in results]
+    for response, elapsed in shed:
+        assert elapsed < 2.0 and response.headers["Retry-After"] == "1", (elapsed, response.headers)
+        assert "local: overloaded" in response.json()["error"]["message"]
+    usage = httpx.get(f"{server}/admin/usage", headers=headers, timeout=30).json()
+    assert usage["providers"]["local"]["models"][MODEL_ID]["consecutive_failures"] == 0
 
 
 def test_engine_reports_its_model(engine_handle):

@@ -78,6 +78,11 @@ class EngineRequestError(Exception):
         self.err_type = err_type
 
 
+# A ProviderError reason that says nothing about the provider's health (it is busy, not broken): it does not
+# count towards the circuit breaker.
+OVERLOADED = "overloaded"
+
+
 class ProviderError(Exception):
     """The provider failed (connect error, timeout, 429, 5xx, a malformed answer, engine gone).
 

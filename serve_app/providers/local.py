@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
+from ray.serve.exceptions import BackPressureError
+
 from serve_app.config import LOCAL_PROVIDER
-from serve_app.providers.base import EngineRequestError, Piece, ProviderCall, ProviderError, error_from_status
+from serve_app.providers.base import (OVERLOADED, EngineRequestError, Piece, ProviderCall, ProviderError,
+                                      error_from_status)
+
+OVERLOAD_RETRY_AFTER_S = 1.0
 
 
 class LocalEngineProvider:
@@ -29,6 +34,9 @@ class LocalEngineProvider:
             done = True
         except (ProviderError, EngineRequestError, GeneratorExit):
             raise
+        except BackPressureError as exc:  # every slot taken and the queue full: shed, do not wait
+            raise ProviderError(f"local engine overloaded: {exc}", status=503, retry_after_s=OVERLOAD_RETRY_AFTER_S,
+                                reason=OVERLOADED) from exc
         except Exception as exc:
             # replica died, backpressure, Ray errors: the engine failed, not the client
             raise ProviderError(f"local engine failed: {type(exc).__name__}: {exc}", reason="engine") from exc
