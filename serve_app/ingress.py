@@ -123,8 +123,8 @@ class Ingress:
         self.config = config
         self.metrics = ServingMetrics()
         # An adapter is served by its base model's engine.
-        self.local = LocalEngineProvider({i: engines[m.id] for i, m in config.local_models()})
-        providers = {LOCAL_PROVIDER: self.local} if engines else {}
+        local = LocalEngineProvider({i: engines[m.id] for i, m in config.local_models()})
+        providers = {LOCAL_PROVIDER: local} if engines else {}
         providers.update({p.name: RemoteProvider(p) for p in config.providers})
         self.providers = providers
         self.router = Router(config)

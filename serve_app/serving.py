@@ -149,13 +149,13 @@ class OpenAIServing:
                     await stream.aclose()
                     reason = exc.reason if isinstance(exc, ProviderError) else "empty"
                     # Overloaded is busy, not broken: no breaker count, and no retry here; on to the next.
-                    self.router.release(lease, ok=None if reason == OVERLOADED else False)
+                    overloaded = reason == OVERLOADED
+                    self.router.release(lease, ok=None if overloaded else False)
                     call.attempts.append((candidate.provider, reason))
                     self.metrics.provider_attempts.labels(candidate.provider, reason).inc()
                     log.warning("attempt %d on %s for %s failed: %s", attempt + 1, candidate.provider,
                                 candidate.model, exc)
-                    wait = None if reason == OVERLOADED else self._backoff(policy, attempt,
-                                                                            getattr(exc, "retry_after_s", None))
+                    wait = None if overloaded else self._backoff(policy, attempt, getattr(exc, "retry_after_s", None))
                     if wait is None or attempt + 1 == tries:
                         break
                     await asyncio.sleep(wait)

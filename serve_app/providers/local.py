@@ -38,7 +38,7 @@ class LocalEngineProvider:
             raise ProviderError(f"local engine overloaded: {exc}", status=503, retry_after_s=OVERLOAD_RETRY_AFTER_S,
                                 reason=OVERLOADED) from exc
         except Exception as exc:
-            # replica died, backpressure, Ray errors: the engine failed, not the client
+            # replica died, Ray errors: the engine failed, not the client
             raise ProviderError(f"local engine failed: {type(exc).__name__}: {exc}", reason="engine") from exc
         finally:
             if not done:  # the client went away or failed: stop the engine's work on it
