@@ -14,12 +14,13 @@ from ray.serve import Application
 
 from cluster.local import SERVE_REPLICA_ENV
 from cluster.resources import cluster_has_gpus
-from serve_app.config import DEFAULT_CONFIG, AppConfig, ModelConfig, engine_deployment_name, load_config
+from serve_app.config import (DEFAULT_CONFIG, HEAD_NODE_RESOURCE, AppConfig, ModelConfig, engine_deployment_name,
+                              load_config)
 from serve_app.engine import CPU_ENGINE_ENV, ENGINE_ENV, EngineDeployment
 from serve_app.ingress import Ingress
 
 log = logging.getLogger("tuneserve.app")
-HEAD_NODE_RESOURCE = "node:__internal_head__"
+INGRESS_HEADROOM = 64  # Serve slots above the guard's limit: /health, /metrics, and the guard's own 503s
 DRAIN_POLL_S = 1.0  # a draining replica checks this often whether its last request has finished
 
 
@@ -67,7 +68,9 @@ def build_from_config(config: AppConfig) -> Application:
     actor_options = {"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}
     if config.ingress.placement == "head":
         actor_options["resources"] = {HEAD_NODE_RESOURCE: 0.001}  # Ray's marker resource of the head node
+    # Serve's bound sits above the guard's, so that the guard sheds first, in OpenAI's format.
     ingress = Ingress.options(num_replicas=config.ingress.num_replicas, ray_actor_options=actor_options,
+                              max_ongoing_requests=config.ingress.max_ongoing_requests + INGRESS_HEADROOM,
                               graceful_shutdown_timeout_s=config.ingress.drain_timeout_s,
                               graceful_shutdown_wait_loop_s=DRAIN_POLL_S)
     return ingress.bind(config, engines)

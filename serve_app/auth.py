@@ -1,7 +1,8 @@
-"""API keys (compared by SHA-256 digest only), per-key limits and per-key usage.
+"""API keys (compared by SHA-256 digest only), and the ledger of per-key limits and usage.
 
-Auth is on when any key is configured. Limits and counters live in each ingress replica: with N replicas
-a key's effective limit is up to N times its configured one.
+Auth is on when any key is configured. The ledger is kept where every ingress replica reaches it: in the
+app's usage store (serve_app/usage_store.py), so that a key's limit holds across replicas. A replica keeps
+a ledger of its own only while the store cannot be reached.
 
 A key's tokens-per-minute limit counts requests from their admission: each reserves an estimate (its prompt
 plus its max_tokens, or the context left) that is settled to the real count when it ends. Concurrent
@@ -17,7 +18,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from serve_app.config import ApiKey, hash_key
-from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
 
 WINDOW_S = 60.0
@@ -89,12 +89,31 @@ class KeyUsage:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "cost_usd": round(self.cost_usd, 8)}
 
+    def add(self, totals: dict) -> None:
+        """Add another ledger's totals (`public()` form): a saved ledger, or one kept while the store was down."""
+        self.requests += int(totals.get("requests", 0))
+        self.prompt_tokens += int(totals.get("prompt_tokens", 0))
+        self.completion_tokens += int(totals.get("completion_tokens", 0))
+        self.cost_usd += float(totals.get("cost_usd", 0.0))
 
-class Accounting:
+
+def check_models(key: ApiKey | None, models: list[str]) -> None:
+    """403 when the key may not use one of the models."""
+    if key is not None and key.models is not None:
+        denied = [m for m in models if m not in key.models]
+        if denied:
+            raise APIError(403, f"This API key may not use model '{denied[0]}'. Allowed: "
+                           f"{', '.join(key.models) or 'none'}.", param="model", code="model_not_allowed")
+
+
+def has_limits(key: ApiKey | None) -> bool:
+    return key is not None and (key.rpm is not None or key.tpm is not None)
+
+
+class Ledger:
     """Admission (allowed models, requests and tokens per minute) and usage counters, per key."""
 
-    def __init__(self, metrics: ServingMetrics, clock=time.monotonic):
-        self.metrics = metrics
+    def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.usage: dict[str, KeyUsage] = {}
 
@@ -103,15 +122,10 @@ class Accounting:
         reservation (for `record` to settle), when the key has a tokens-per-minute limit."""
         name = key.name if key else ANONYMOUS
         usage = self.usage.setdefault(name, KeyUsage())
+        check_models(key, models)
         if key is None:
             usage.requests += 1
-            self.metrics.key_requests.labels(name).inc()
             return None
-        if key.models is not None:
-            denied = [m for m in models if m not in key.models]
-            if denied:
-                raise APIError(403, f"This API key may not use model '{denied[0]}'. Allowed: "
-                               f"{', '.join(key.models) or 'none'}.", param="model", code="model_not_allowed")
         now = self.clock()
         usage._requests_window.trim(now)
         usage._tokens_window.trim(now)
@@ -125,7 +139,6 @@ class Accounting:
             self._limited(f"{key.tpm} tokens per minute", usage._tokens_window.wait_s(now))
         usage._requests_window.add(now, 1)
         usage.requests += 1
-        self.metrics.key_requests.labels(name).inc()
         return usage._tokens_window.add(now, reserve_tokens) if key.tpm is not None else None
 
     @staticmethod
@@ -133,19 +146,19 @@ class Accounting:
         raise APIError(429, f"Rate limit reached for this API key: {limit}. Try again in {wait_s:.0f} s.",
                        code="rate_limit_exceeded", headers={"Retry-After": str(int(wait_s))})
 
-    def record(self, key: ApiKey | None, prompt_tokens: int, completion_tokens: int, cost_usd: float,
-               reservation: list | None = None) -> None:
-        name = key.name if key else ANONYMOUS
+    def record(self, key: ApiKey | str | None, prompt_tokens: int, completion_tokens: int, cost_usd: float,
+               reservation: list | None = None, requests: int = 0) -> None:
+        """A request's use, settled against its reservation. `requests` counts requests admitted elsewhere
+        (by an ingress replica, for keys without limits)."""
+        name = key if isinstance(key, str) else (key.name if key else ANONYMOUS)
         usage = self.usage.setdefault(name, KeyUsage())
+        usage.requests += requests
         usage.prompt_tokens += prompt_tokens
         usage.completion_tokens += completion_tokens
         usage.cost_usd += cost_usd
         if reservation is not None:  # only keys with a tpm limit keep a window: nothing grows otherwise
             usage._tokens_window.trim(self.clock())
             usage._tokens_window.settle(reservation, prompt_tokens + completion_tokens)
-        self.metrics.key_tokens.labels(name, "prompt").inc(prompt_tokens)
-        self.metrics.key_tokens.labels(name, "completion").inc(completion_tokens)
-        self.metrics.key_cost.labels(name).inc(cost_usd)
 
     def report(self) -> dict[str, dict]:
         return {name: usage.public() for name, usage in sorted(self.usage.items())}

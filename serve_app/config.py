@@ -214,6 +214,29 @@ class LocalEnginePolicy(_Strict):
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(attempts=5, backoff_s=0.25, max_backoff_s=2.0))
     circuit_breaker: CircuitBreaker = Field(
         default_factory=lambda: CircuitBreaker(failure_threshold=50, cooldown_s=5.0))
+    # An attempt whose engine yields nothing by then fails, and is retried or falls back (as a remote
+    # provider's read timeout does). It covers the wait in the engine's queue and the prefill.
+    attempt_timeout_s: float = Field(120.0, gt=0)
+
+
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
+
+
+class UsageStoreConfig(_Strict):
+    """Where per-key limits, usage and cost, and open circuits are kept for every ingress replica: one Ray
+    actor per app that saves the usage under the storage root (serve_app/usage_store.py says why, and what
+    a crash loses)."""
+
+    # A storage path: relative to TUNESERVE_STORAGE (the project folder on one machine), or a URI. The app's
+    # name is appended. None: kept in the actor's memory only (lost when it restarts).
+    path: str | None = "runs/usage"
+    # When the store cannot be reached: "open" admits with each replica's own limits and keeps the usage
+    # until it is back; "closed" refuses requests of keys with limits (503).
+    on_unavailable: Literal["open", "closed"] = "open"
+    timeout_s: float = Field(1.0, gt=0)  # one call to the store
+    retry_s: float = Field(5.0, gt=0)  # after a failed call, the store is tried again this much later
+    flush_interval_s: float = Field(0.5, gt=0)  # replicas send usage in batches this often
+    persist_interval_s: float = Field(1.0, gt=0)  # the store saves new usage this often
 
 
 class IngressConfig(_Strict):
@@ -228,6 +251,24 @@ class IngressConfig(_Strict):
     max_n: int = Field(16, ge=1)
     # As ModelConfig.drain_timeout_s, for ingress replicas: every stream, local or remote, passes one.
     drain_timeout_s: float = Field(300.0, gt=0)
+    # The whole time a request may take, over every candidate and retry, unless its X-Tuneserve-Timeout
+    # header (seconds) sets another, up to max_request_timeout_s. Past it: a 504 before the first byte, an
+    # error event after it; the provider's request is aborted either way.
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_request_timeout_s: float = Field(3600.0, gt=0)
+    # While a stream waits for its first token, an SSE comment goes out this often, so that proxies with
+    # idle timeouts keep the connection. The response is then committed to 200: a failure after it is an
+    # error event. 0: none (the status waits for the first token).
+    sse_keepalive_s: float = Field(10.0, ge=0)
+    # Requests one ingress replica serves at once; past it a request gets a 503 with Retry-After at once.
+    max_ongoing_requests: int = Field(1000, ge=1)
+    usage_store: UsageStoreConfig = Field(default_factory=UsageStoreConfig)
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> "IngressConfig":
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError("ingress: request_timeout_s must be <= max_request_timeout_s")
+        return self
 
 
 class AppConfig(_Strict):

@@ -123,7 +123,8 @@ class EngineDeployment:
         # As an OpenAI server we take the defaults vLLM's own server takes. The library default
         # (ENGINE_CONTEXT) leaves max_num_batched_tokens at 2048 where `vllm serve` uses 8192 on an
         # H100, which queued prefills and added ~150 ms TTFT at 64 streams (docs/benchmarks.md).
-        self.engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self.engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                                stat_loggers=vllm_adapter.ray_stat_loggers())
         args = vllm_adapter.serve_args(engine_args, {
             "lora_modules": lora_modules or None,
             "enable_auto_tool_choice": model.tool_parser is not None and model.task == "generate",

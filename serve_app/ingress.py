@@ -19,14 +19,15 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.auth import Accounting, KeyStore
+from serve_app.auth import KeyStore
 from serve_app.config import LOCAL_PROVIDER, AppConfig, engine_deployment_name
-from serve_app.metrics import ServingMetrics
+from serve_app.metrics import ServingMetrics, cluster_exposition
 from serve_app.protocol import REQUEST_MODELS, APIError, format_validation_error
 from serve_app.providers.local import LocalEngineProvider
 from serve_app.providers.remote import RemoteProvider
 from serve_app.router import Router
 from serve_app.serving import OpenAIServing
+from serve_app.usage_store import Accounting
 
 log = logging.getLogger("tuneserve.ingress")
 
@@ -34,13 +35,20 @@ HEALTH_TIMEOUT_S = 10.0
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
-class RequestGuard:
-    """ASGI middleware run before the body is parsed: API keys on /v1/*, and the body size limit (413)."""
+TIMEOUT_HEADER = "X-Tuneserve-Timeout"  # a request's own deadline, in seconds
 
-    def __init__(self, app, max_body_bytes: int = 1 << 20, keys: KeyStore | None = None):
+
+class RequestGuard:
+    """ASGI middleware run before the body is parsed: load shedding (503), API keys on /v1/*, and the body
+    size limit (413)."""
+
+    def __init__(self, app, max_body_bytes: int = 1 << 20, keys: KeyStore | None = None,
+                 max_ongoing_requests: int = 1000):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.keys = keys or KeyStore([])
+        self.max_ongoing_requests = max_ongoing_requests
+        self.ongoing = 0  # API requests in this replica, streams included until their last byte
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,7 +57,13 @@ class RequestGuard:
             path, root = scope["path"], scope.get("root_path", "")
             if root and path.startswith(root):  # an app under a route prefix: match its own routes
                 path = path[len(root):]
-            if path.startswith(("/v1/", "/admin/")) or path == "/metrics":
+            api_call = path.startswith("/v1/")
+            if api_call and self.ongoing >= self.max_ongoing_requests:
+                # Shed here, in OpenAI's format, before Serve's own queue (whose 503 is plain text) fills.
+                raise APIError(503, f"The server is at its limit of {self.max_ongoing_requests} requests in "
+                               "progress per replica. Retry shortly.", code="overloaded",
+                               headers={"Retry-After": "1"})
+            if api_call or path.startswith("/admin/") or path == "/metrics":
                 headers = dict(scope.get("headers") or ())
                 authorization = headers.get(b"authorization", b"").decode("latin-1") or None
                 scope.setdefault("state", {})["api_key"] = self.keys.authenticate(authorization)
@@ -69,10 +83,13 @@ class RequestGuard:
                     raise self._too_large()
             return message
 
+        self.ongoing += 1
         try:
             await self.app(scope, limited_receive, send)
         except APIError as exc:
             await exc.response()(scope, receive, send)
+        finally:
+            self.ongoing -= 1
 
     def _too_large(self) -> APIError:
         return APIError(413, f"Request body is larger than the limit of {self.max_body_bytes} bytes.",
@@ -121,23 +138,29 @@ def _require_admin(request: Request, what: str) -> None:
 class Ingress:
     def __init__(self, config: AppConfig, engines: dict):
         self.config = config
-        self.metrics = ServingMetrics()
+        self.replica = serve.get_replica_context()
+        self.metrics = ServingMetrics(self.replica.app_name)
         # An adapter is served by its base model's engine.
         local = LocalEngineProvider({i: engines[m.id] for i, m in config.local_models()})
         providers = {LOCAL_PROVIDER: local} if engines else {}
         providers.update({p.name: RemoteProvider(p) for p in config.providers})
         self.providers = providers
         self.router = Router(config)
-        self.accounting = Accounting(self.metrics)
-        self.serving = OpenAIServing(providers, self.router, self.accounting, self.metrics, config.ingress.max_n,
-                                     retry_policies={LOCAL_PROVIDER: config.ingress.local_engines.retry,
+        self.accounting = Accounting(self.metrics, config.ingress.usage_store, self.replica.app_name, self.router,
+                                     head_node=config.ingress.placement == "head")
+        ingress = config.ingress
+        self.serving = OpenAIServing(providers, self.router, self.accounting, self.metrics, ingress.max_n,
+                                     retry_policies={LOCAL_PROVIDER: ingress.local_engines.retry,
                                                      **{p.name: p.retry for p in config.providers}},
                                      tasks=config.tasks(),
-                                     contexts={i: m.max_model_len for i, m in config.local_models()})
+                                     contexts={i: m.max_model_len for i, m in config.local_models()},
+                                     request_timeout_s=ingress.request_timeout_s,
+                                     local_attempt_timeout_s=ingress.local_engines.attempt_timeout_s,
+                                     keepalive_s=ingress.sse_keepalive_s)
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
-        api.add_middleware(RequestGuard, max_body_bytes=config.ingress.max_body_bytes,
-                           keys=KeyStore(config.ingress.api_keys))
+        api.add_middleware(RequestGuard, max_body_bytes=ingress.max_body_bytes, keys=KeyStore(ingress.api_keys),
+                           max_ongoing_requests=ingress.max_ongoing_requests)
 
     @api.get("/", include_in_schema=False)
     async def chat_page(self) -> FileResponse:
@@ -203,13 +226,29 @@ class Ingress:
             body = REQUEST_MODELS[endpoint].model_validate(raw)
         except ValidationError as exc:
             raise format_validation_error(exc.errors()) from None
-        return await self.serving.handle(endpoint, raw, body, request.state.api_key)
+        timeout_s = self._timeout(request.headers.get(TIMEOUT_HEADER))
+        return await self.serving.handle(endpoint, raw, body, request.state.api_key, timeout_s)
+
+    def _timeout(self, value: str | None) -> float | None:
+        if value is None:
+            return None
+        limit = self.config.ingress.max_request_timeout_s
+        try:
+            timeout_s = float(value)
+        except ValueError:
+            timeout_s = -1.0
+        if not 0 < timeout_s <= limit:
+            raise APIError(400, f"Invalid {TIMEOUT_HEADER} header '{value[:40]}': seconds, more than 0 and at most "
+                           f"{limit:g}.", param=TIMEOUT_HEADER, code="invalid_timeout")
+        return timeout_s
 
     @api.get("/admin/usage")
     async def usage(self, request: Request) -> dict:
-        """Per-key usage of this ingress replica, and the router's live view of each provider."""
+        """Per-key usage (from the usage store, so every replica answers the same), and this replica's live
+        view of each provider."""
         _require_admin(request, "read usage")
-        return {"keys": self.accounting.report(), "providers": self.router.snapshot()}
+        return {**await self.accounting.report(), "providers": self.router.snapshot(),
+                "replica": self.replica.replica_id.unique_id}
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -241,6 +280,7 @@ class Ingress:
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
-        """Prometheus text. With API keys configured it takes an admin key: it names keys and their spend."""
+        """Prometheus text for the whole cluster: every node's Ray metrics export (ingress and engine replicas),
+        summed over processes. With API keys configured it takes an admin key: it names keys and their spend."""
         _require_admin(request, "read metrics")
-        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
+        return Response(await cluster_exposition(), media_type="text/plain; version=0.0.4")

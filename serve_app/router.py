@@ -45,6 +45,7 @@ class RouteState:
     tokens_per_s: float | None = None
     consecutive_failures: int = 0
     open_until: float = 0.0
+    opened_at: float = 0.0
     probing: bool = False
 
     def observe(self, ttft_s: float, tokens_per_s: float | None) -> None:
@@ -77,6 +78,9 @@ class Router:
         self.candidates: dict[str, list[Candidate]] = {}
         self.supported: dict[str, set[str] | None] = {}
         self.owners: dict[str, list[str]] = {}
+        # Circuits this replica opened (True) or closed (False) since the usage store last heard: the store
+        # shares them with the other ingress replicas.
+        self.changes: list[tuple[str, str, bool]] = []
         if config.models:
             self.states[LOCAL_PROVIDER] = ProviderState(max_concurrency=None)
             # What local engines honour: provider.require_parameters skips them for anything else.
@@ -215,6 +219,8 @@ class Router:
         if ok is None:
             return
         if ok:
+            if route.is_open:  # a probe succeeded: closed, here and (through the store) everywhere
+                self.changes.append((lease.provider, lease.model, False))
             route.consecutive_failures = 0
             if ttft_s is not None:
                 route.observe(ttft_s, tokens_per_s)
@@ -222,6 +228,38 @@ class Router:
             route.consecutive_failures += 1
             if route.is_open:
                 route.open_until = self.clock() + route.breaker.cooldown_s
+                route.opened_at = self.clock()
+                self.changes.append((lease.provider, lease.model, True))
+
+    # -- circuits shared between ingress replicas -----------------------------------------------------
+
+    def take_changes(self) -> list[tuple[str, str, float | None]]:
+        """The changes for the store: an opened circuit with the seconds left in its cooldown (as of now, so
+        that the store's clock does not restart it), a closed one with None."""
+        now, changes = self.clock(), []
+        for provider, model, opened in self.changes:
+            left = max(0.0, self.routes[(provider, model)].open_until - now) if opened else None
+            changes.append((provider, model, left))
+        self.changes = []
+        return changes
+
+    def restore_changes(self, changes: list[tuple[str, str, float | None]]) -> None:
+        self.changes = [(provider, model, left is not None) for provider, model, left in changes] + self.changes
+
+    def apply_shared(self, opens: dict[tuple[str, str], float], since: float) -> None:
+        """The store's open circuits (seconds of cooldown left): open them here too, and close those that it
+        no longer holds open (unless this replica opened them after `since`, when it asked)."""
+        now = self.clock()
+        for key, route in self.routes.items():
+            if key in opens:
+                if not route.is_open:  # another replica opened it
+                    route.consecutive_failures = route.breaker.failure_threshold
+                    route.open_until = now + opens[key]
+                    route.opened_at = now
+                elif route.opened_at < since:
+                    route.open_until = now + opens[key]
+            elif route.is_open and route.opened_at < since and not route.probing:  # closed elsewhere
+                route.consecutive_failures = 0
 
     def snapshot(self) -> dict[str, dict]:
         """Per provider: requests in flight, and per model its moving figures and circuit. The provider's

@@ -19,13 +19,13 @@ from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serve_app.auth import Accounting
-from serve_app.config import ApiKey
+from serve_app.config import LOCAL_PROVIDER, ApiKey
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import ROUTING_FIELDS, APIError, parameters_sent
 from serve_app.providers.base import (OVERLOADED, EngineRequestError, Piece, Provider, ProviderCall, ProviderError,
                                      sse)
 from serve_app.router import Candidate, Lease, Router
+from serve_app.usage_store import Accounting
 
 log = logging.getLogger("tuneserve.serving")
 
@@ -34,6 +34,7 @@ ENDPOINT_TASK = {"chat": "generate", "completions": "generate", "responses": "ge
 DEFAULT_CONTEXT = 8192  # what a remote model's context is taken to be, for tokens-per-minute reservations
 _CLEANUP_TIMEOUT_S = 10.0  # a provider that does not close its request by then is left to GC
 _ID_PREFIX = {"chat": "chatcmpl", "completions": "cmpl", "responses": "resp", "embeddings": "embd"}
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def api_error_from_engine(exc: EngineRequestError) -> APIError:
@@ -43,7 +44,8 @@ def api_error_from_engine(exc: EngineRequestError) -> APIError:
 class OpenAIServing:
     def __init__(self, providers: dict[str, Provider], router: Router, accounting: Accounting,
                  metrics: ServingMetrics, max_n: int, retry_policies: dict, tasks: dict[str, str],
-                 contexts: dict[str, int]):
+                 contexts: dict[str, int], request_timeout_s: float = 600.0, local_attempt_timeout_s: float = 120.0,
+                 keepalive_s: float = 0.0):
         self.providers = providers
         self.router = router
         self.accounting = accounting
@@ -52,9 +54,13 @@ class OpenAIServing:
         self.retry_policies = retry_policies  # provider name -> RetryPolicy
         self.tasks = tasks  # public model id -> "generate" | "embed"
         self.contexts = contexts  # public model id -> its context length, where we know it (local models)
+        self.request_timeout_s = request_timeout_s  # the default deadline of a whole request
+        self.local_attempt_timeout_s = local_attempt_timeout_s  # to a local engine's first piece
+        self.keepalive_s = keepalive_s  # SSE comments while a stream waits for its first token; 0: none
 
-    async def handle(self, endpoint: str, raw: dict, body, key: ApiKey | None):
-        """Serve one request. `raw` is the client's JSON as sent; `body` its validated form."""
+    async def handle(self, endpoint: str, raw: dict, body, key: ApiKey | None, timeout_s: float | None = None):
+        """Serve one request. `raw` is the client's JSON as sent; `body` its validated form; `timeout_s` the
+        request's own deadline (default: the configured one)."""
         requested = body.requested_models()
         models = self.router.expand(requested)  # unknown models are a 404 before any limit is spent
         self._check_task(endpoint, models)
@@ -62,34 +68,44 @@ class OpenAIServing:
             raise APIError(400, f"'n' must be at most {self.max_n} on this server.", param="n")
         plan = self.router.plan(requested, body.provider, parameters_sent(raw))
         reserve = self._token_reservation(endpoint, raw, models) if key is not None and key.tpm else 0
-        reservation = self.accounting.admit(key, requested, reserve)
+        reservation = await self.accounting.admit(key, requested, reserve)
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + (timeout_s or self.request_timeout_s)
         engine_id = uuid.uuid4().hex  # vLLM prefixes it itself: chatcmpl-<id>, cmpl-<id>
         request_id = f"{_ID_PREFIX[endpoint]}-{engine_id}"
         wants_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
         forwarded = {k: v for k, v in raw.items() if k not in ROUTING_FIELDS}
         if body.stream and endpoint in ("chat", "completions"):  # usage is needed for accounting
             forwarded["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
-        call = _Call(endpoint, body.model, request_id, engine_id, started, key, wants_usage, reservation)
-        try:
-            candidate, lease, stream, first = await self._first_piece(call, plan, forwarded)
-        except BaseException as exc:  # no provider answered, or the client left: nothing was used
-            if isinstance(exc, APIError):
-                self.metrics.requests.labels(body.model, endpoint, str(exc.status_code)).inc()
-            self.accounting.record(key, 0, 0, 0.0, reservation)
-            raise
+        call = _Call(endpoint, body.model, request_id, engine_id, started, key, wants_usage, reservation, deadline)
+        walk = self._walk(call, plan, forwarded)
+        if body.stream and self.keepalive_s:
+            # The walk runs on its own, so that a first token slower than keepalive_s can be waited for behind
+            # SSE comments, with the response committed.
+            task = asyncio.ensure_future(walk)
+            try:
+                await asyncio.wait({task}, timeout=self.keepalive_s)
+            except BaseException:  # the client left
+                await self._abandon(call, task)
+                raise
+            if not task.done():
+                headers = {"X-Request-Id": request_id, **_SSE_HEADERS}
+                return ProviderStreamResponse(self._events_after_wait(call, task),
+                                              lambda: self._abandon(call, task), headers=headers)
+            candidate, lease, stream, first = task.result()
+        else:
+            candidate, lease, stream, first = await walk
         call.commit(candidate, lease)
         self.metrics.ttft.labels(candidate.model).observe(time.perf_counter() - started)
         headers = {"X-Request-Id": request_id, "X-Tuneserve-Provider": candidate.provider,
                    "X-Tuneserve-Attempts": call.attempts_header()}
         if first.body is None:  # a stream
-            headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
             async def close() -> None:  # the client left before the body was read: nothing else will
                 await stream.aclose()
                 call.finish(self, ok=True, status="499")
 
-            return ProviderStreamResponse(self._stream_events(call, first, stream), close, headers=headers)
+            return ProviderStreamResponse(self._stream_events(call, first, stream), close,
+                                          headers={**headers, **_SSE_HEADERS})
         try:
             call.count(first)
             payload = first.body
@@ -102,6 +118,49 @@ class OpenAIServing:
             await stream.aclose()
             call.finish(self, ok=True, status="499")  # no-op when already finished; else the client left
         return JSONResponse(payload, headers=headers)
+
+    async def _walk(self, call: "_Call", plan: list[Candidate], forwarded: dict):
+        """_first_piece, with the books kept when it ends without one (nothing was used)."""
+        try:
+            return await self._first_piece(call, plan, forwarded)
+        except BaseException as exc:  # no provider answered, the deadline passed, or the client left
+            if isinstance(exc, APIError):
+                self.metrics.requests.labels(call.requested_model, call.endpoint, str(exc.status_code)).inc()
+            self.accounting.record(call.key, 0, 0, 0.0, call.reservation)
+            raise
+
+    async def _events_after_wait(self, call: "_Call", walk: asyncio.Task) -> AsyncIterator[str]:
+        """A stream whose first token is slow: SSE comments until the walk ends, then its events (or its
+        error, as an error event: the status went out already)."""
+        while True:
+            yield ": keep-alive\n\n"
+            done, _ = await asyncio.wait({walk}, timeout=self.keepalive_s)
+            if done:
+                break
+        try:
+            candidate, lease, stream, first = walk.result()
+        except APIError as exc:
+            yield sse(exc.body())
+            if call.endpoint != "responses":
+                yield "data: [DONE]\n\n"
+            return
+        call.commit(candidate, lease)
+        self.metrics.ttft.labels(candidate.model).observe(time.perf_counter() - call.started)
+        async for event in self._stream_events(call, first, stream):
+            yield event
+
+    async def _abandon(self, call: "_Call", walk: asyncio.Task) -> None:
+        """The client left while the walk ran, or before its stream was read: release what it holds."""
+        if not walk.done():
+            walk.cancel()  # the walk gives back its own lease and stream
+            return
+        if walk.cancelled() or walk.exception() is not None:
+            return
+        candidate, lease, stream, _ = walk.result()
+        if call.lease is None:
+            call.commit(candidate, lease)
+        await stream.aclose()
+        call.finish(self, ok=True, status="499")  # no-op when the stream already finished it
 
     def _token_reservation(self, endpoint: str, raw: dict, models: list[str]) -> int:
         """What a request may use at most, for tokens-per-minute limits: its prompt (JSON characters / 4,
@@ -126,11 +185,15 @@ class OpenAIServing:
                                code="wrong_model_type")
 
     async def _first_piece(self, call: "_Call", plan: list[Candidate], forwarded: dict):
-        """Walk the plan until a provider yields its first piece. Client errors end the walk at once."""
+        """Walk the plan until a provider yields its first piece. Client errors end the walk at once, and so
+        does the request's deadline (504)."""
+        loop = asyncio.get_running_loop()
         for candidate in plan:
             policy = self.retry_policies.get(candidate.provider)
             tries = policy.attempts if policy else 1
             for attempt in range(tries):
+                if loop.time() >= call.deadline:
+                    raise call.deadline_error()
                 lease, why = self.router.acquire(candidate)
                 if lease is None:
                     call.attempts.append((candidate.provider, why))
@@ -139,8 +202,16 @@ class OpenAIServing:
                 body = {**forwarded, "model": candidate.upstream}
                 stream = self.providers[candidate.provider].stream(
                     ProviderCall(call.endpoint, body, call.engine_id, candidate.model, call.wants_usage))
+                limit = call.deadline - loop.time()
+                if candidate.provider == LOCAL_PROVIDER:
+                    limit = min(limit, self.local_attempt_timeout_s)
                 try:
-                    first = await anext(stream)
+                    try:
+                        async with asyncio.timeout(limit):
+                            first = await anext(stream)
+                    except TimeoutError:  # the generator was cancelled: its clean-up aborted the request
+                        raise ProviderError(f"{candidate.provider}: no answer within {limit:.3g} s",
+                                            reason="timeout") from None
                 except EngineRequestError as exc:  # the request is wrong: no other provider would help
                     await stream.aclose()
                     self.router.release(lease, ok=True)
@@ -148,15 +219,20 @@ class OpenAIServing:
                 except (ProviderError, StopAsyncIteration) as exc:
                     await stream.aclose()
                     reason = exc.reason if isinstance(exc, ProviderError) else "empty"
-                    # Overloaded is busy, not broken: no breaker count, and no retry here; on to the next.
+                    # Overloaded is busy, not broken, and a passed deadline says nothing of the provider: no
+                    # breaker count for either. Overload is not retried here; on to the next.
                     overloaded = reason == OVERLOADED
-                    self.router.release(lease, ok=None if overloaded else False)
+                    expired = loop.time() >= call.deadline
+                    self.router.release(lease, ok=None if overloaded or expired else False)
+                    reason = "deadline" if expired else reason
                     call.attempts.append((candidate.provider, reason))
                     self.metrics.provider_attempts.labels(candidate.provider, reason).inc()
+                    if expired:
+                        raise call.deadline_error() from None
                     log.warning("attempt %d on %s for %s failed: %s", attempt + 1, candidate.provider,
                                 candidate.model, exc)
                     wait = None if overloaded else self._backoff(policy, attempt, getattr(exc, "retry_after_s", None))
-                    if wait is None or attempt + 1 == tries:
+                    if wait is None or attempt + 1 == tries or loop.time() + wait >= call.deadline:
                         break
                     await asyncio.sleep(wait)
                     continue
@@ -193,8 +269,14 @@ class OpenAIServing:
                     status, ok = "502", False
                 if piece.sse:
                     yield piece.sse
-                piece = await anext(stream, None)
-            if usage_event is not None and call.wants_usage:
+                try:
+                    async with asyncio.timeout_at(call.deadline):
+                        piece = await anext(stream, None)
+                except TimeoutError:  # no verdict on the provider; closing the stream aborts its request
+                    status, ok = "504", None
+                    yield sse(call.deadline_error().body())
+                    break
+            if usage_event is not None and call.wants_usage and ok is not None:
                 usage_event["model"] = call.model
                 usage_event["usage"]["cost"] = round(call.cost(), 10)
                 yield sse(usage_event)
@@ -244,7 +326,7 @@ class _Call:
     """Book-keeping of one request: ids, attempts, token counts, and what is recorded at its end."""
 
     def __init__(self, endpoint: str, model: str, request_id: str, engine_id: str, started: float,
-                 key: ApiKey | None, wants_usage: bool, reservation: list | None):
+                 key: ApiKey | None, wants_usage: bool, reservation: list | None, deadline: float):
         self.endpoint = endpoint
         self.requested_model = model
         self.id = request_id
@@ -253,6 +335,8 @@ class _Call:
         self.wants_usage = wants_usage
         self.engine_id = engine_id  # the id the provider gets; vLLM prefixes it as OpenAI does
         self.reservation = reservation  # this request's tokens-per-minute reservation, settled at the end
+        self.deadline = deadline  # on the event loop's clock
+        self.timeout_s = deadline - asyncio.get_running_loop().time()
         self.attempts: list[tuple[str, str]] = []
         self.candidate: Candidate | None = None
         self.lease: Lease | None = None
@@ -271,6 +355,11 @@ class _Call:
         self.candidate, self.lease = candidate, lease
         self.first_chunk_at = time.perf_counter()
 
+    def deadline_error(self) -> APIError:
+        tried = ", ".join(f"{p}: {why}" for p, why in self.attempts)
+        return APIError(504, f"The request's deadline of {self.timeout_s:.3g} s passed"
+                        + (f" (tried {tried})." if tried else "."), code="deadline_exceeded")
+
     def attempts_header(self) -> str:
         return ",".join(f"{provider}:{outcome}" for provider, outcome in self.attempts)
 
@@ -287,7 +376,7 @@ class _Call:
     def cost(self) -> float:
         return self.candidate.price.cost(self.prompt_tokens, self.completion_tokens) if self.candidate else 0.0
 
-    def finish(self, serving: "OpenAIServing", ok: bool, status: str) -> None:
+    def finish(self, serving: "OpenAIServing", ok: bool | None, status: str) -> None:
         if self.finished:
             return
         self.finished = True

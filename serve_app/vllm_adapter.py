@@ -35,6 +35,17 @@ def _init_app_state():
     return init_app_state
 
 
+def ray_stat_loggers() -> list:
+    """vLLM's engine metrics (queue, running requests, KV-cache usage, prefix-cache queries and hits)
+    recorded through Ray's metrics, so that they add up across replicas (serve_app/metrics.py). The same
+    class and path in both releases; an empty list (vLLM's own Prometheus registry only) if it moves."""
+    try:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    except ImportError:
+        return []
+    return [RayPrometheusStatLogger]
+
+
 def lora_module(name: str, path: str):
     from vllm.entrypoints.openai.models.protocol import LoRAModulePath
 

@@ -15,7 +15,9 @@ import pytest
 from cluster.local import free_port
 
 for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_DEDUP_LOGS": "0"}.items():
+                     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_DEDUP_LOGS": "0",
+                     # processes hand their metrics to Ray's exporter every second, not every ten
+                     "RAY_metrics_report_interval_ms": "1000"}.items():
     os.environ.setdefault(_key, _value)
 
 TEST_KEY = "sk-tuneserve-test-key"  # the admin key of KEYS below
@@ -25,6 +27,22 @@ TEST_MAX_MODEL_LEN = 1024
 ENGINE_MAX_ONGOING = 8  # the test engine's request slots: /health must not wait for one
 ENGINE_MAX_QUEUED = 2  # requests the ingress holds for it beyond those; the next ones are shed
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def scrape(base: str, needles: list[str], limit_s: float = 30.0, key: str = TEST_KEY) -> str:
+    """GET /metrics (admin key) until it holds every needle: Ray's exporter takes its figures every second."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text
+        missing = [needle for needle in needles if needle not in text]
+        if not missing:
+            return text
+        assert time.monotonic() < deadline, f"/metrics lacks {missing}:\n{text[:3000]}"
+        time.sleep(0.5)
 
 
 def free_port_block(size: int) -> int:
@@ -218,6 +236,7 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
         "providers": providers,
         "aliases": {"smart": ["lonely-model", "echo-model"]},
         "ingress": {"max_body_bytes": 256 * 1024, "max_n": 4,
+                    "usage_store": {"path": f"file://{tmp_path_factory.mktemp('usage')}"},
                     "api_keys": [{"name": name, "sha256": _sha256(key), **policy}
                                  for name, (key, policy) in KEYS.items()]},
     }

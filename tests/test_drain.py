@@ -22,7 +22,7 @@ def test_redeploy_lets_a_stream_under_way_finish(server, upstreams):
     def app(max_n: int):
         config = {"providers": [{"name": "drainup", "base_url": upstreams["beta"].url,
                                  "models": [{"id": "drain-model", "upstream": "slow"}], "timeouts": {"read_s": 60}}],
-                  "ingress": {"max_n": max_n}}
+                  "ingress": {"max_n": max_n, "usage_store": {"path": None}}}
         return build_from_config(AppConfig.model_validate(config))
 
     serve.run(app(4), name=APP, route_prefix=PREFIX)
@@ -43,11 +43,11 @@ def test_redeploy_lets_a_stream_under_way_finish(server, upstreams):
         reader.start()
         assert first.wait(30), "the stream did not begin"
         started = time.monotonic()
-        usage = httpx.get(f"{server}{PREFIX}/admin/usage", timeout=30)
-        assert usage.json()["keys"]["anonymous"]["requests"] == 1, usage.text  # the stream's replica
+        old = httpx.get(f"{server}{PREFIX}/admin/usage", timeout=30).json()["replica"]  # the stream's replica
         serve.run(app(5), name=APP, route_prefix=PREFIX)  # returns once the new replica runs
-        usage = httpx.get(f"{server}{PREFIX}/admin/usage", timeout=30).json()["keys"]
-        assert "anonymous" not in usage, usage  # a new replica answers now; the old one drains
+        usage = httpx.get(f"{server}{PREFIX}/admin/usage", timeout=30).json()
+        assert usage["replica"] != old, usage  # a new replica answers now; the old one drains
+        assert usage["keys"]["anonymous"]["requests"] == 1, usage  # the usage store outlived the old replica
         reader.join(timeout=90)
         assert not reader.is_alive()
         assert time.monotonic() - started > 15  # the stream outlived the redeploy by far

@@ -1,11 +1,11 @@
-"""The ingress's own state, on a controlled clock: per-key limits and usage (serve_app/auth.py), and the
-router's circuit breakers and live figures (serve_app/router.py)."""
+"""The ingress's state, on a controlled clock: the ledger of per-key limits and usage (serve_app/auth.py, as the
+usage store keeps it), and the router's circuit breakers and live figures (serve_app/router.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from serve_app.auth import ANONYMOUS, Accounting
+from serve_app.auth import ANONYMOUS, Ledger
 from serve_app.config import ApiKey, AppConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
@@ -27,7 +27,7 @@ def metrics():
 
 def test_anonymous_usage_keeps_no_window(metrics):
     """With auth off (the default), 10,000 requests leave no per-request state behind: memory stays flat."""
-    accounting = Accounting(metrics, clock=Clock())
+    accounting = Ledger(clock=Clock())
     for _ in range(10_000):
         reservation = accounting.admit(None, ["m"], reserve_tokens=50)
         accounting.record(None, 10, 20, 0.0, reservation)
@@ -38,7 +38,7 @@ def test_anonymous_usage_keeps_no_window(metrics):
 
 def test_tpm_reserves_at_admission_and_settles_at_the_end(metrics):
     clock = Clock()
-    accounting = Accounting(metrics, clock=clock)
+    accounting = Ledger(clock=clock)
     key = ApiKey(name="burst", sha256="0" * 64, tpm=100)
     first = accounting.admit(key, ["m"], reserve_tokens=60)
     with pytest.raises(APIError) as caught:  # a concurrent burst: the first is still running
@@ -54,7 +54,7 @@ def test_tpm_reserves_at_admission_and_settles_at_the_end(metrics):
 
 
 def test_request_larger_than_the_limit_is_refused_at_once(metrics):
-    accounting = Accounting(metrics, clock=Clock())
+    accounting = Ledger(clock=Clock())
     key = ApiKey(name="small", sha256="0" * 64, tpm=40)
     with pytest.raises(APIError) as caught:
         accounting.admit(key, ["m"], reserve_tokens=41)
@@ -64,7 +64,7 @@ def test_request_larger_than_the_limit_is_refused_at_once(metrics):
 
 def test_unused_reservation_is_released(metrics):
     """A request that no provider answered reserves nothing afterwards."""
-    accounting = Accounting(metrics, clock=Clock())
+    accounting = Ledger(clock=Clock())
     key = ApiKey(name="failing", sha256="0" * 64, tpm=100)
     reservation = accounting.admit(key, ["m"], reserve_tokens=80)
     accounting.record(key, 0, 0, 0.0, reservation)
@@ -116,3 +116,27 @@ def test_one_broken_model_does_not_block_the_others():
     assert _acquire(router, "up", "remote-a") == (None, "circuit_open")  # only one probe at a time
     router.release(lease, ok=True, ttft_s=0.2)
     assert router.snapshot()["up"]["circuit"] == "closed"
+
+
+def test_circuits_are_shared_through_the_store():
+    """What the usage store carries between two ingress replicas: a circuit one opens is open on the other;
+    a successful probe on the first closes it on both. A circuit opened after the store was asked stays."""
+    clock = Clock()
+    first, second = _router(clock), _router(clock)
+    _fail(first, "up", "remote-a", 2)
+    changes = first.take_changes()
+    assert changes == [("up", "remote-a", 5.0)]
+    second.apply_shared({("up", "remote-a"): 5.0}, since=clock.now)  # what the store answers
+    assert _acquire(second, "up", "remote-a") == (None, "circuit_open")
+    assert _acquire(second, "up", "remote-b")[1] == "ok"
+    clock.now += 6
+    lease, why = _acquire(first, "up", "remote-a")
+    assert why == "ok" and lease.probe
+    first.release(lease, ok=True, ttft_s=0.1)
+    assert first.take_changes() == [("up", "remote-a", None)]
+    asked = clock.now
+    clock.now += 0.1
+    _fail(second, "local", "base-a", 2)  # opened on the second replica while it waited for the store
+    second.apply_shared({}, since=asked)  # the store no longer holds remote-a open
+    assert second.snapshot()["up"]["circuit"] == "closed"
+    assert _acquire(second, "local", "base-a") == (None, "circuit_open")

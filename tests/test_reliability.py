@@ -9,13 +9,14 @@ import asyncio
 import pytest
 
 from jobs.bench.upstream import UpstreamServer
-from serve_app.auth import ANONYMOUS, Accounting
+from serve_app.auth import ANONYMOUS
 from serve_app.config import AppConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import REQUEST_MODELS
 from serve_app.providers.remote import RemoteProvider
 from serve_app.router import Router
 from serve_app.serving import OpenAIServing
+from serve_app.usage_store import Accounting
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ async def test_client_gone_before_the_body_is_read_releases_everything(upstream,
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert serving.router.snapshot()["up"]["in_flight"] == 0  # the lease is back
-    usage = serving.accounting.usage[ANONYMOUS]
+    usage = serving.accounting.local.usage[ANONYMOUS]
     assert usage.requests == 1  # the request was recorded, once
 
 
@@ -78,4 +79,4 @@ async def test_response_never_started_is_closed_by_aclose(upstream, metrics):
     await response.aclose()
     await response.aclose()
     assert serving.router.snapshot()["up"]["in_flight"] == 0
-    assert serving.accounting.usage[ANONYMOUS].requests == 1
+    assert serving.accounting.local.usage[ANONYMOUS].requests == 1

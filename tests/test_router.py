@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import KEYS, MODEL_ID, TEST_KEY
+from tests.conftest import KEYS, MODEL_ID, TEST_KEY, scrape
 
 HI = [{"role": "user", "content": "Say hi."}]
 
@@ -230,6 +230,5 @@ def test_usage_and_cost_per_key(server, client):
     assert usage["providers"]["cheap"]["circuit"] == "closed"
     denied = httpx.get(f"{server}/admin/usage", headers={"Authorization": f"Bearer {KEYS['limited'][0]}"})
     assert denied.status_code == 403
-    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=30).text
-    assert 'tuneserve_key_cost_usd_total{key="tests"}' in metrics
-    assert 'tuneserve_provider_attempts_total{outcome="ok",provider="cheap"}' in metrics
+    scrape(server, ['ray_tuneserve_key_cost_usd_total{app="tuneserve",key="tests"}',
+                    'ray_tuneserve_provider_attempts_total{app="tuneserve",outcome="ok",provider="cheap"}'])

@@ -47,6 +47,16 @@ def test_local_parameters_are_vllm_fields():
         assert not missing, f"vLLM {vllm_adapter.VERSION} {endpoint} lacks {missing}"
 
 
+def test_engine_metrics_go_through_ray():
+    """The engine records vLLM's metrics through Ray (queue, running, KV cache, prefix cache), so that
+    GET /metrics adds them up over replicas: this vLLM has the stat logger, and it is a Ray one."""
+    from serve_app import vllm_adapter
+
+    loggers = vllm_adapter.ray_stat_loggers()
+    assert loggers, f"vLLM {vllm_adapter.VERSION} has no RayPrometheusStatLogger"
+    assert loggers[0]._gauge_cls.__module__.endswith("ray_wrappers")
+
+
 def _model(task: str = "generate"):
     from serve_app.config import ModelConfig
 

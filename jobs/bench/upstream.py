@@ -15,6 +15,7 @@ The upstream model name picks the behaviour:
 | `tools`          | calls `get_weather` (streamed as tool-call deltas); every chunk carries an  |
 |                  | extra field `upstream_extra` echoing the request's `x_custom`               |
 | `malformed`      | 200 with `choices: [null]`, or a stream event that is not JSON              |
+| `late-S`         | like `echo`, but its answer (or first byte) comes after S seconds          |
 
 `GET /last` returns the last request body as received; `POST /v1/embeddings` answers 4-dim vectors.
 
@@ -96,6 +97,8 @@ def build_upstream(name: str) -> FastAPI:
             return _error(400, "Upstream says: this request is invalid.")
         if model == "hang":
             await asyncio.sleep(3600)
+        if model.startswith("late-"):  # late-<seconds>: the answer (or the stream's first byte) comes that late
+            await asyncio.sleep(float(model.split("-", 1)[1]))
         count = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         delay = 0.1 if model == "slow" else 0.0
         prompt_tokens = len(json.dumps(body.get("messages") or body.get("prompt") or "")) // 4
