@@ -7,6 +7,7 @@
     python -m jobs.bench finetune --variant mb4:train.micro_batch_size=4 --variant no-ckpt:model.gradient_checkpointing=false
     python -m jobs.bench scaling --shape llama-1.8b --setups lora-zero2,full-zero3 --workers 1,2
     python -m jobs.bench eval --shape llama-1.8b --runs dp1,dp2,tp2       (GSM8K evaluate job, dummy weights)
+    python -m jobs.bench chaos --scenarios upstream,disconnects,ingress,engine,soak --soak-requests 10000
 """
 
 from __future__ import annotations
@@ -239,12 +240,44 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--max-tokens", type=int, default=256)
     evaluate.add_argument("--engine-kwargs", default="{}", help="JSON of extra vLLM engine arguments for every run")
     evaluate.add_argument("--out", default=None, help="write results as JSON here")
+    chaos = sub.add_parser("chaos", help="faults under streaming load: kills, upstream storms, disconnects, soak")
+    chaos.add_argument("--scenarios", default="upstream,disconnects,ingress,engine,soak",
+                       help="comma list of upstream, disconnects, ingress, engine, soak")
+    chaos.add_argument("--requests", type=int, default=40, help="requests per scenario")
+    chaos.add_argument("--soak-requests", type=int, default=10_000, help="requests per soak (auth off, then on)")
+    chaos.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     commands = {"serve": serve_benchmark, "router": router_benchmark, "finetune": finetune_benchmark,
-                "scaling": scaling_benchmark, "eval": eval_benchmark}
+                "scaling": scaling_benchmark, "eval": eval_benchmark, "chaos": chaos_benchmark}
     commands[args.command](args)
+
+
+def chaos_benchmark(args: argparse.Namespace) -> None:
+    import ray
+
+    from jobs.bench.chaos import SCENARIOS, run
+
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {', '.join(unknown)} (known: {', '.join(SCENARIOS)})")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for key, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():
+        os.environ.setdefault(key, value)
+    # the dashboard serves the state API that finds replica processes to kill
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+             log_to_driver=False)
+    try:
+        rows = run(scenarios, args.requests, args.soak_requests)
+    finally:
+        ray.shutdown()
+    print("\n" + markdown_table([row["table"] for row in rows], list(rows[0]["table"])))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": "chaos", "scenarios": scenarios, "rows": rows,
+                                              "host": platform.node(), "date": time.strftime("%Y-%m-%d")},
+                                             indent=1))
 
 
 def router_benchmark(args: argparse.Namespace) -> None:
