@@ -233,7 +233,7 @@ class UsageStoreConfig(_Strict):
     # When the store cannot be reached: "open" admits with each replica's own limits and keeps the usage
     # until it is back; "closed" refuses requests of keys with limits (503).
     on_unavailable: Literal["open", "closed"] = "open"
-    timeout_s: float = Field(1.0, gt=0)  # one call to the store
+    timeout_s: float = Field(2.0, gt=0)  # one call to the store (a store being created gets a minute)
     retry_s: float = Field(5.0, gt=0)  # after a failed call, the store is tried again this much later
     flush_interval_s: float = Field(0.5, gt=0)  # replicas send usage in batches this often
     persist_interval_s: float = Field(1.0, gt=0)  # the store saves new usage this often

@@ -243,9 +243,6 @@ class Router:
         self.changes = []
         return changes
 
-    def restore_changes(self, changes: list[tuple[str, str, float | None]]) -> None:
-        self.changes = [(provider, model, left is not None) for provider, model, left in changes] + self.changes
-
     def apply_shared(self, opens: dict[tuple[str, str], float], since: float) -> None:
         """The store's open circuits (seconds of cooldown left): open them here too, and close those that it
         no longer holds open (unless this replica opened them after `since`, when it asked)."""

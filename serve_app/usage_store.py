@@ -18,7 +18,9 @@ One detached Ray actor per Serve application (`UsageStore`), on the head node, n
 Why a Ray actor rather than Redis or Postgres: it needs no server of its own on a laptop or a cluster, it
 runs wherever Ray does, and it persists to the storage every node already uses. What is lost in a crash:
 usage newer than `persist_interval_s` when the store's node dies, and newer than `flush_interval_s` when an
-ingress replica's does; the minute windows of the limits start afresh when the store restarts.
+ingress replica's does; the minute windows of the limits start afresh when the store restarts. Batches of
+usage are numbered per replica and applied once, so a batch sent again after a call that timed out is not
+counted twice; an admission that times out after the store took it is (the replica then admits on its own).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 
 import ray
 
@@ -39,6 +42,7 @@ log = logging.getLogger("tuneserve.usage")
 STORE_NAMESPACE = "tuneserve"
 USAGE_FILE = "usage.json"
 SYNC_EVERY_S = 1.0  # a replica with nothing to send still asks for the open circuits this often
+START_TIMEOUT_S = 60.0  # a store being created (a new worker process) may take this long to answer first
 
 
 def store_name(app_name: str) -> str:
@@ -57,6 +61,9 @@ class UsageStore:
         self.next_id = 0
         self.open_routes: dict[tuple[str, str], float] = {}  # (provider, model) -> open until (monotonic)
         self.persist_interval_s = persist_interval_s
+        # The last batch applied per sender (an ingress replica's ledger): a batch sent again after a call
+        # that timed out, but had been applied, is not counted twice.
+        self.applied: dict[str, int] = {}
         self.location = locate(uri).join(USAGE_FILE) if uri else None
         self.dirty = False
         self.saver: asyncio.Task | None = None
@@ -64,7 +71,11 @@ class UsageStore:
             saved = json.loads(self.location.read_text())
             for name, totals in saved.get("keys", {}).items():
                 self.ledger.usage.setdefault(name, KeyUsage()).add(totals)
+            self.applied = saved.get("applied", {})
             log.info("usage store: %d keys read from %s", len(saved.get("keys", {})), self.location.uri)
+
+    async def ready(self) -> bool:
+        return True
 
     async def admit(self, key: ApiKey, models: list[str], reserve_tokens: int) -> tuple:
         """("ok", reservation id or None), or ("refused", the APIError's parts)."""
@@ -80,13 +91,17 @@ class UsageStore:
         self.reservations[self.next_id] = (key.name, event)
         return "ok", self.next_id
 
-    async def sync(self, usage: dict[str, list], settlements: list[tuple[int, int]],
+    async def sync(self, sender: str, seq: int, usage: dict[str, list], settlements: list[tuple[int, int]],
                    route_changes: list[tuple[str, str, float | None]]) -> dict[tuple[str, str], float]:
-        """A replica's batch: usage per key [requests, prompt, completion, cost], reservations settled to
-        their real token counts, and circuits it opened (seconds of cooldown left) or closed (None). Returns
-        the open circuits with the seconds left in their cooldown."""
+        """A replica's batch number `seq`: usage per key [requests, prompt, completion, cost], reservations
+        settled to their real token counts, and circuits it opened (seconds of cooldown left) or closed
+        (None). A batch already applied is ignored. Returns the open circuits with the seconds of cooldown
+        left."""
         self._start_saver()
         now = time.monotonic()
+        if seq <= self.applied.get(sender, 0):
+            return {route: max(0.0, until - now) for route, until in self.open_routes.items()}
+        self.applied[sender] = seq
         for name, (requests, prompt, completion, cost) in usage.items():
             self.ledger.record(name, prompt, completion, cost, requests=requests)
         for reservation_id, tokens in settlements:
@@ -114,7 +129,8 @@ class UsageStore:
         if self.location is None or not self.dirty:
             return
         self.dirty = False
-        text = json.dumps({"keys": self.ledger.report(), "saved_at": time.time()}, indent=1, sort_keys=True)
+        text = json.dumps({"keys": self.ledger.report(), "applied": self.applied, "saved_at": time.time()},
+                          indent=1, sort_keys=True)
         try:
             await asyncio.to_thread(self.location.write_text, text)
         except Exception:
@@ -149,10 +165,14 @@ class Accounting:
         self.local = Ledger()  # limits (and, without a store, usage) of this replica alone
         self.pending: dict[str, list] = {}  # usage not yet in the store: key -> [requests, prompt, completion, cost]
         self.settlements: list[tuple[int, int]] = []
+        self.sender = uuid.uuid4().hex  # this ledger, for the store's record of batches it applied
+        self.seq = 0
+        self.unsent: tuple | None = None  # a batch whose sending failed: sent again as it is, same number
         self.handle = None
         self.down_until = 0.0
         self.down_reason = ""
         self.flusher: asyncio.Task | None = None
+        self.connecting: asyncio.Lock | None = None
 
     # -- what serving calls ---------------------------------------------------------------------------
 
@@ -212,28 +232,28 @@ class Accounting:
     # -- the store ----------------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Send pending usage, settlements and circuit changes; take in the open circuits."""
+        """Send pending usage, settlements and circuit changes; take in the open circuits. A batch that
+        failed is sent again first, unchanged: the store applies each batch once."""
         handle = await self._store()
         if handle is None:
             return
-        usage, self.pending = self.pending, {}
-        settlements, self.settlements = self.settlements, []
-        changes = self.router.take_changes() if self.router is not None else []
-        sent_at = time.monotonic()
-        try:
-            opens = await self._call(handle.sync, usage, settlements, changes)
-        except Exception as exc:
-            for name, totals in usage.items():  # kept for the next try: nothing is lost
-                mine = self._pending(name)
-                for i, value in enumerate(totals):
-                    mine[i] += value
-            self.settlements = settlements + self.settlements
+        for _ in range(2):  # the batch that failed before (if any), then the new one
+            if self.unsent is None:
+                self.seq += 1
+                changes = self.router.take_changes() if self.router is not None else []
+                self.unsent = (self.seq, self.pending, self.settlements, changes)
+                self.pending, self.settlements = {}, []
+            sent_at = time.monotonic()
+            try:
+                opens = await self._call(handle.sync, self.sender, *self.unsent)
+            except Exception as exc:  # kept for the next try: nothing is lost
+                self._mark_down(exc)
+                return
+            self.unsent = None
             if self.router is not None:
-                self.router.restore_changes(changes)
-            self._mark_down(exc)
-            return
-        if self.router is not None:
-            self.router.apply_shared(opens, since=sent_at)
+                self.router.apply_shared(opens, since=sent_at)
+            if not (self.pending or self.settlements or (self.router is not None and self.router.changes)):
+                return
 
     async def _admit_in_store(self, key: ApiKey, models: list[str], reserve_tokens: int):
         handle = await self._store()
@@ -261,11 +281,22 @@ class Accounting:
             return self.handle
         if time.monotonic() < self.down_until:
             return None
+        if self.connecting is None:
+            self.connecting = asyncio.Lock()
+        async with self.connecting:  # one connection attempt at a time; the others take its outcome
+            if self.handle is not None or time.monotonic() < self.down_until:
+                return self.handle
+            await self._connect_and_wait()
+        return self.handle
+
+    async def _connect_and_wait(self) -> None:
         try:
-            self.handle = await asyncio.wait_for(asyncio.to_thread(self._connect), self.config.timeout_s * 5)
+            handle = await asyncio.wait_for(asyncio.to_thread(self._connect), START_TIMEOUT_S)
+            # A store created just now starts a worker process first: wait for it once, not per call.
+            await asyncio.wait_for(handle.ready.remote(), START_TIMEOUT_S)
+            self.handle = handle
         except Exception as exc:
             self._mark_down(exc)
-        return self.handle
 
     def _connect(self):
         """The app's store, created when it does not exist (or died for good); it reads the saved totals."""
@@ -301,7 +332,8 @@ class Accounting:
         idle_since = time.monotonic()
         while True:
             await asyncio.sleep(self.config.flush_interval_s)
-            busy = self.pending or self.settlements or (self.router is not None and self.router.changes)
+            busy = (self.unsent or self.pending or self.settlements
+                    or (self.router is not None and self.router.changes))
             if busy or time.monotonic() - idle_since >= SYNC_EVERY_S:
                 idle_since = time.monotonic()
                 try:
