@@ -157,8 +157,13 @@ class Ledger:
         usage.completion_tokens += completion_tokens
         usage.cost_usd += cost_usd
         if reservation is not None:  # only keys with a tpm limit keep a window: nothing grows otherwise
-            usage._tokens_window.trim(self.clock())
-            usage._tokens_window.settle(reservation, prompt_tokens + completion_tokens)
+            self.settle(name, reservation, prompt_tokens + completion_tokens)
+
+    def settle(self, name: str, reservation: list, tokens: int) -> None:
+        """A tokens-per-minute reservation replaced by the tokens the request really used."""
+        window = self.usage[name]._tokens_window
+        window.trim(self.clock())
+        window.settle(reservation, tokens)
 
     def report(self) -> dict[str, dict]:
         return {name: usage.public() for name, usage in sorted(self.usage.items())}

@@ -98,18 +98,16 @@ class UsageStore:
         (None). A batch already applied is ignored. Returns the open circuits with the seconds of cooldown
         left."""
         self._start_saver()
-        now = time.monotonic()
         if seq <= self.applied.get(sender, 0):
-            return {route: max(0.0, until - now) for route, until in self.open_routes.items()}
+            return self._open_routes_left()
         self.applied[sender] = seq
         for name, (requests, prompt, completion, cost) in usage.items():
             self.ledger.record(name, prompt, completion, cost, requests=requests)
         for reservation_id, tokens in settlements:
             name, event = self.reservations.pop(reservation_id, (None, None))
             if name is not None:
-                window = self.ledger.usage[name]._tokens_window
-                window.trim(now)
-                window.settle(event, tokens)
+                self.ledger.settle(name, event, tokens)
+        now = time.monotonic()
         # Reservations never settled (their replica died) leave with their window.
         for reservation_id in [i for i, (_, event) in self.reservations.items() if event[0] <= now - WINDOW_S]:
             del self.reservations[reservation_id]
@@ -119,6 +117,10 @@ class UsageStore:
             else:
                 self.open_routes[(provider, model)] = now + left_s
         self.dirty = self.dirty or bool(usage)
+        return self._open_routes_left()
+
+    def _open_routes_left(self) -> dict[tuple[str, str], float]:
+        now = time.monotonic()
         return {route: max(0.0, until - now) for route, until in self.open_routes.items()}
 
     async def report(self) -> dict[str, dict]:
