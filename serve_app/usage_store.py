@@ -34,12 +34,12 @@ import uuid
 import ray
 
 from serve_app.auth import ANONYMOUS, WINDOW_S, KeyUsage, Ledger, check_models, has_limits
-from serve_app.config import HEAD_NODE_RESOURCE, ApiKey, UsageStoreConfig
+from serve_app.config import ApiKey, UsageStoreConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
+from serve_app.state_actors import STATE_NAMESPACE as STORE_NAMESPACE, open_state_actor
 
 log = logging.getLogger("tuneserve.usage")
-STORE_NAMESPACE = "tuneserve"
 USAGE_FILE = "usage.json"
 SYNC_EVERY_S = 1.0  # a replica with nothing to send still asks for the open circuits this often
 START_TIMEOUT_S = 60.0  # a store being created (a new worker process) may take this long to answer first
@@ -224,10 +224,13 @@ class Accounting:
                 return {"keys": await self._call(handle.report), "store": "ok"}
             except Exception as exc:
                 self._mark_down(exc)
-        pending = {name: KeyUsage() for name in self.pending}
-        for name, (requests, prompt, completion, cost) in self.pending.items():
-            pending[name].add({"requests": requests, "prompt_tokens": prompt, "completion_tokens": completion,
-                               "cost_usd": cost})
+        # Not yet stored: the batch whose sending failed and what came after it.
+        batches = ([self.unsent[1]] if self.unsent is not None else []) + [self.pending]
+        pending: dict[str, KeyUsage] = {}
+        for batch in batches:
+            for name, (requests, prompt, completion, cost) in batch.items():
+                pending.setdefault(name, KeyUsage()).add({"requests": requests, "prompt_tokens": prompt,
+                                                          "completion_tokens": completion, "cost_usd": cost})
         return {"keys": {name: usage.public() for name, usage in sorted(pending.items())},
                 "store": f"unavailable ({self.down_reason}): this replica's usage not yet stored"}
 
@@ -305,11 +308,8 @@ class Accounting:
         from cluster.storage import locate
 
         uri = locate(self.config.path).join(self.app_name).uri if self.config.path else None
-        options = {"name": store_name(self.app_name), "namespace": STORE_NAMESPACE, "lifetime": "detached",
-                   "get_if_exists": True, "max_restarts": -1, "max_task_retries": 0}
-        if self.head_node:
-            options["resources"] = {HEAD_NODE_RESOURCE: 0.001}
-        return UsageStore.options(**options).remote(uri, self.config.persist_interval_s)
+        return open_state_actor(UsageStore, store_name(self.app_name), self.head_node, uri,
+                                self.config.persist_interval_s)
 
     async def _call(self, method, *args):
         return await asyncio.wait_for(method.remote(*args), self.config.timeout_s)

@@ -201,3 +201,43 @@ def test_an_open_circuit_is_open_on_every_replica(base, upstreams):
         assert refused.status_code == 503 and "flip: circuit_open" in refused.json()["error"]["message"]
     finally:
         httpx.post(control, json={"failing": False}, timeout=10)
+
+
+def test_report_while_the_store_is_down_counts_the_batch_that_failed(ray_head, folder):
+    """A replica's report while the store is down adds up what it has not stored: the batch whose sending
+    failed as well as what came after it."""
+    import asyncio
+
+    import ray
+
+    from serve_app.auth import ANONYMOUS
+    from serve_app.config import UsageStoreConfig
+    from serve_app.metrics import ServingMetrics
+    from serve_app.usage_store import STORE_NAMESPACE, Accounting, store_name
+
+    app = "usage-report"
+    # a long flush interval: the test does the flushing; a long retry: the store stays down
+    config = UsageStoreConfig(path=f"file://{folder}", retry_s=300, flush_interval_s=300)
+
+    async def scenario() -> dict:
+        accounting = Accounting(ServingMetrics(app), config, app_name=app, head_node=False)
+        await accounting.admit(None, ["echo-model"])
+        accounting.record(None, 3, 4, 0.0)
+        await accounting.flush()
+        assert accounting.unsent is None and not accounting.pending  # stored
+        store = ray.get_actor(store_name(app), namespace=STORE_NAMESPACE)
+        await accounting.admit(None, ["echo-model"])
+        accounting.record(None, 5, 6, 0.0)
+        ray.kill(store, no_restart=True)
+        await asyncio.sleep(1)
+        await accounting.flush()
+        assert accounting.unsent is not None  # this batch failed and is kept
+        await accounting.admit(None, ["echo-model"])
+        accounting.record(None, 7, 8, 0.0)
+        return await accounting.report()
+
+    report = asyncio.run(scenario())
+    assert report["store"].startswith("unavailable"), report
+    # the two requests not stored: the failed batch and the one after it
+    assert report["keys"][ANONYMOUS] == {"requests": 2, "prompt_tokens": 12, "completion_tokens": 14,
+                                         "cost_usd": 0.0}, report
