@@ -302,22 +302,26 @@ def engine_scenarios(http_port: int, count: int) -> list[Tally]:
 
 
 def soak(base: str, app: str, count: int, headers: dict | None, label: str) -> Tally:
-    """`count` requests in two halves, with each ingress replica's RSS after a warm-up and after each half:
-    memory that grows with requests grows in both halves; a warm-up cost does not."""
+    """`count` requests in parts (two, or one per 10,000 up to ten), with each ingress replica's RSS after a
+    warm-up and after each part: memory that grows with requests grows in every part; a warm-up cost does not."""
     body = {"model": "echo-model", "messages": HI, "max_tokens": 4, "stream": True}
     asyncio.run(load(base, body, 500, concurrency=32, headers=headers))  # warm: pools, imports, caches
     rss = [_rss_mb(app)]
     started = time.monotonic()
     outcomes: list[Outcome] = []
-    for half in (count // 2, count - count // 2):
-        outcomes += asyncio.run(load(base, body, half, concurrency=32, headers=headers))[0]
+    parts = max(2, min(10, count // 10_000))
+    for part in range(parts):
+        size = count // parts + (1 if part < count % parts else 0)
+        outcomes += asyncio.run(load(base, body, size, concurrency=32, headers=headers))[0]
         rss.append(_rss_mb(app))
+        print(f"soak {label}: {len(outcomes)}/{count}, ingress RSS MB {rss[-1]}", flush=True)
     elapsed = time.monotonic() - started
     row = tally(f"soak {count} requests, {label}", outcomes)
     row.leases_left = leases_left(base, headers)
     replicas = sorted(rss[0])
     per_replica = "; ".join("→".join(str(point.get(r, "gone")) for point in rss) for r in replicas)
-    row.note = f"{count / elapsed:.0f} req/s; ingress RSS MB after warm-up → half → end, per replica: {per_replica}"
+    row.note = (f"{count / elapsed:.0f} req/s; ingress RSS MB after warm-up, then after each of {parts} parts, "
+                f"per replica: {per_replica}")
     return row
 
 
