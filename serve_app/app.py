@@ -24,7 +24,7 @@ INGRESS_HEADROOM = 64  # Serve slots above the guard's limit: /health, /metrics,
 DRAIN_POLL_S = 1.0  # a draining replica checks this often whether its last request has finished
 
 
-def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
+def _engine_app(model: ModelConfig, gpus_present: bool, config: AppConfig) -> Application:
     num_gpus = model.resources.num_gpus
     if num_gpus == "auto":
         num_gpus = model.tensor_parallel_size if gpus_present else 0
@@ -44,7 +44,7 @@ def _engine_app(model: ModelConfig, gpus_present: bool) -> Application:
         max_replicas_per_node=model.max_replicas_per_node,
         **model.serve_scaling(),
     )
-    return deployment.bind(model, on_gpu)
+    return deployment.bind(model, on_gpu, config.adapter_registry.path, config.ingress.placement == "head")
 
 
 def check_storage_paths(config: AppConfig) -> None:
@@ -64,7 +64,7 @@ def check_storage_paths(config: AppConfig) -> None:
 def build_from_config(config: AppConfig) -> Application:
     check_storage_paths(config)
     gpus_present = cluster_has_gpus()
-    engines = {model.id: _engine_app(model, gpus_present) for model in config.models}
+    engines = {model.id: _engine_app(model, gpus_present, config) for model in config.models}
     actor_options = {"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}
     if config.ingress.placement == "head":
         actor_options["resources"] = {HEAD_NODE_RESOURCE: 0.001}  # Ray's marker resource of the head node

@@ -79,6 +79,21 @@ class AdapterConfig(_Strict):
     price: Price | None = None  # default: the base model's
 
 
+class LiveAdapters(_Strict):
+    """LoRA adapters registered while the service runs (`POST /v1/adapters`, or a fine-tune's publish step),
+    loaded by each engine replica when a request first needs one (serve_app/adapters.py). Off unless set
+    (the shipped configs set it): with LoRA on, vLLM builds LoRA layers and buffers for `max_loras` adapters
+    of `max_rank`, memory and work that an engine of the base model alone does not spend."""
+
+    enabled: bool = False
+    # vLLM's max_lora_rank: an adapter of a higher rank is refused at registration, not at first request.
+    max_rank: int = Field(64, ge=1)
+    max_loras: int = Field(4, ge=1)  # adapters in one engine batch (vLLM's max_loras)
+    # Adapters each engine replica keeps loaded (least recently used leaves first); Serve's model
+    # multiplexing sends an adapter's requests to replicas that hold it.
+    cache_size: int = Field(8, ge=1)
+
+
 class ModelConfig(_Strict):
     id: str = Field(pattern=NAME_PATTERN)
     path: str = "default"
@@ -106,6 +121,7 @@ class ModelConfig(_Strict):
     owned_by: str = "tuneserve"
     price: Price = Field(default_factory=Price)  # what a request costs, for usage.cost and price routing
     adapters: list[AdapterConfig] = Field(default_factory=list)
+    live_adapters: LiveAdapters = Field(default_factory=LiveAdapters)
     # generate: chat, completions and responses. embed: /v1/embeddings, through vLLM's pooling runner
     # (a causal LM works too: its last hidden state, pooled, is the embedding).
     task: Literal["generate", "embed"] = "generate"
@@ -119,7 +135,7 @@ class ModelConfig(_Strict):
     def _one_scaling_mode(self) -> "ModelConfig":
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError(f"model {self.id}: set num_replicas or autoscaling_config, not both")
-        if self.task == "embed" and (self.adapters or self.reasoning_parser):
+        if self.task == "embed" and (self.adapters or self.reasoning_parser or self.live_adapters.enabled):
             raise ValueError(f"model {self.id}: an embedding model takes no adapters or reasoning parser")
         return self
 
@@ -271,11 +287,20 @@ class IngressConfig(_Strict):
         return self
 
 
+class AdapterRegistryConfig(_Strict):
+    """Where the live adapters' registry is kept: one Ray actor per app, which saves every change to
+    `<path>/<app>/registry.json` before it answers (serve_app/adapters.py)."""
+
+    # A storage path: relative to TUNESERVE_STORAGE, or a URI. None: the actor's memory only.
+    path: str | None = "runs/adapters"
+
+
 class AppConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)  # local engines
     providers: list[ProviderConfig] = Field(default_factory=list)  # remote upstreams
     aliases: dict[str, list[str]] = Field(default_factory=dict)  # short name -> candidate model ids, in order
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    adapter_registry: AdapterRegistryConfig = Field(default_factory=AdapterRegistryConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":

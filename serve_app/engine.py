@@ -74,16 +74,89 @@ def adapter_folder(path: str) -> Path:
     return folder
 
 
-def max_lora_rank(model: ModelConfig) -> int:
-    """The smallest rank vLLM accepts that fits every adapter of this model."""
-    rank = max(json.loads((adapter_folder(a.path) / "adapter_config.json").read_text())["r"] for a in model.adapters)
-    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
+def lora_settings(model: ModelConfig) -> dict[str, Any]:
+    """vLLM's LoRA engine settings for the configured adapters and, with live adapters on, room for those:
+    the smallest rank vLLM accepts that fits every adapter, adapters per batch, and adapters kept in memory."""
+    live = model.live_adapters.enabled and model.task == "generate"
+    if not model.adapters and not live:
+        return {}
+    ranks = [json.loads((adapter_folder(a.path) / "adapter_config.json").read_text())["r"] for a in model.adapters]
+    rank = max(ranks + ([model.live_adapters.max_rank] if live else []))
+    max_loras = max(min(len(model.adapters), 8), model.live_adapters.max_loras if live else 0)
+    settings = {"enable_lora": True, "max_loras": max_loras,
+                "max_lora_rank": next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)}
+    if live:  # vLLM's own CPU cache of adapters: every one this replica may hold, and a batch's worth more
+        settings["max_cpu_loras"] = len(model.adapters) + model.live_adapters.cache_size + max_loras
+    return settings
+
+
+def adapter_misfit(adapter: Path, model: Path) -> str | None:
+    """Why a PEFT LoRA adapter does not fit this base model's weights, or None. Shapes are read from the
+    safetensors headers only. vLLM checks the rank and module names, but copies smaller matrices into its
+    slots without complaint: an adapter trained on a smaller model of the same kind would load and be wrong."""
+    from safetensors import safe_open
+
+    adapter_file = adapter / "adapter_model.safetensors"
+    shards = sorted(model.glob("*.safetensors")) if model.is_dir() else []
+    if not adapter_file.is_file() or not shards:
+        return None  # other formats: vLLM's own checks only
+    base: dict[str, list[int]] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as weights:
+            base.update({key: weights.get_slice(key).get_shape() for key in weights.keys()})
+    with safe_open(str(adapter_file), framework="pt") as weights:
+        for key in weights.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module = key.removeprefix("base_model.model.").split(".lora_")[0]
+            shape = weights.get_slice(key).get_shape()
+            target = base.get(f"{module}.weight")
+            if target is None:
+                return f"the base model has no weight {module}.weight (is the adapter for another model?)"
+            # lora_A is [rank, in_features], lora_B [out_features, rank]; the base weight is [out, in]
+            fits = shape[1] == target[1] if ".lora_A." in key else shape[0] == target[0]
+            if not fits:
+                return (f"{key} has shape {list(shape)}, but the base model's {module}.weight is {list(target)} "
+                        "(the adapter was trained on another model)")
+    return None
+
+
+class AdapterUnavailable(Exception):
+    """A live adapter this replica cannot serve: not registered (any more), or vLLM refused its weights."""
+
+    def __init__(self, message: str, status: int = 404):
+        super().__init__(message)
+        self.status = status
+
+
+class LoadedAdapter:
+    """One registration of a live adapter, loaded into this replica's vLLM. Serve's multiplexing keeps it
+    in its LRU cache; when it leaves (or is deleted), its name is unloaded once its streams have finished."""
+
+    def __init__(self, engine: "EngineDeployment", adapter_id: str, seq: int):
+        self.engine, self.id, self.seq = engine, adapter_id, seq
+        self.in_flight = 0
+        self.retired = False  # out of Serve's cache, or deleted: unload when in_flight is 0
+        self.deleted = False
+        self.loop = asyncio.get_running_loop()
+
+    def __del__(self):
+        # Serve's multiplexing calls this (in a worker thread) when the adapter leaves the replica's cache;
+        # Python calls it again at collection, by then a no-op.
+        if self.retired:
+            return
+        self.retired = True
+        try:
+            self.loop.call_soon_threadsafe(self.engine.retire, self)
+        except RuntimeError:  # the loop is closed: the replica is gone
+            pass
 
 
 class EngineDeployment:
     """Wrapped with serve.deployment in serve_app/app.py; its options come from ModelConfig."""
 
-    async def __init__(self, model: ModelConfig, on_gpu: bool):
+    async def __init__(self, model: ModelConfig, on_gpu: bool, registry_path: str | None = None,
+                       state_on_head: bool = True):
         tp_kwargs, engine_env = (tensor_parallel_defaults(model.tensor_parallel_size) if on_gpu
                                  else ({}, CPU_ENGINE_ENV))
         for key, value in {**engine_env, **ENGINE_ENV}.items():
@@ -111,9 +184,7 @@ class EngineDeployment:
         if model.reasoning_parser:
             engine_kwargs["reasoning_parser"] = model.reasoning_parser
         lora_modules = [vllm_adapter.lora_module(a.id, str(adapter_folder(a.path))) for a in model.adapters]
-        if lora_modules:
-            engine_kwargs.update(enable_lora=True, max_loras=min(len(lora_modules), 8),
-                                 max_lora_rank=max_lora_rank(model))
+        engine_kwargs.update(lora_settings(model))
         engine_kwargs.update(tp_kwargs)
         engine_kwargs.update(model.engine_kwargs)  # the user's own settings win
         engine_kwargs["structured_outputs_config"] = vllm_adapter.structured_outputs_config(
@@ -133,6 +204,10 @@ class EngineDeployment:
         self.state, self.tasks = await vllm_adapter.build_serving(self.engine, args)
         self.adapter = vllm_adapter
         self.validators = vllm_adapter.request_models()
+        self.load_adapter = None
+        self.adapter_lock = asyncio.Lock()  # one adapter load or unload at a time: vLLM's names are per id
+        if model.live_adapters.enabled and model.task == "generate":
+            self._start_live_adapters(registry_path, state_on_head)
         log.info("engine for %s ready in %.1fs (%s, vLLM %s, tasks %s)", model.id, time.monotonic() - started,
                  engine_kwargs["dtype"], vllm_adapter.VERSION, ",".join(self.tasks))
 
@@ -140,7 +215,33 @@ class EngineDeployment:
 
     async def serve(self, endpoint: str, body: dict, request_id: str, client_wants_usage: bool
                     ) -> AsyncIterator[Piece]:
-        """Answer one OpenAI request. A stream goes out a few engine steps per piece (one per interval)."""
+        """Answer one OpenAI request. A stream goes out a few engine steps per piece (one per interval).
+        A live adapter's request comes with its multiplexed id: the adapter is loaded first if need be."""
+        adapter = None
+        if self.load_adapter is not None:
+            from ray import serve
+
+            multiplexed_id = serve.get_multiplexed_model_id()
+            if multiplexed_id:
+                try:
+                    adapter = await self.load_adapter(multiplexed_id)
+                    if adapter.deleted:
+                        raise AdapterUnavailable(f"The model '{adapter.id}' does not exist (it was deleted).")
+                except AdapterUnavailable as exc:
+                    yield _refusal(exc.status, str(exc), "model", "model_not_found" if exc.status == 404 else
+                                   "invalid_adapter")
+                    return
+                adapter.in_flight += 1
+        try:
+            async for piece in self._serve(endpoint, body, request_id):
+                yield piece
+        finally:
+            if adapter is not None:
+                adapter.in_flight -= 1
+                if adapter.retired and not adapter.in_flight:
+                    await self._unload(adapter)
+
+    async def _serve(self, endpoint: str, body: dict, request_id: str) -> AsyncIterator[Piece]:
         handler = self.adapter.handler(self.state, endpoint)
         if handler is None:
             yield _refusal(400, f"The model '{self.config.id}' does not serve /v1/{endpoint.replace('chat', 'chat/completions')}"
@@ -222,6 +323,91 @@ class EngineDeployment:
             if usage is not None:
                 piece.usage = Usage(usage.input_tokens, usage.output_tokens)
         return piece
+
+    # -- live adapters (serve_app/adapters.py) -------------------------------------------------------------
+
+    def _start_live_adapters(self, registry_path: str | None, state_on_head: bool) -> None:
+        from ray import serve
+
+        from serve_app.adapters import RegistryView
+
+        async def load(multiplexed_id: str) -> LoadedAdapter:  # a function: Serve keeps its cache on it
+            return await self._load(multiplexed_id)
+
+        self.load_adapter = serve.multiplexed(max_num_models_per_replica=self.config.live_adapters.cache_size)(load)
+        self.loaded: dict[str, LoadedAdapter] = {}  # adapter id -> the registration loaded here
+        self.registry = RegistryView(serve.get_replica_context().app_name, registry_path, state_on_head,
+                                     on_change=self._registry_changed)
+        self.registry.start()
+
+    async def _load(self, multiplexed_id: str) -> LoadedAdapter:
+        adapter_id, _, seq = multiplexed_id.rpartition("#")
+        entry = self.registry.entries.get(adapter_id)
+        if entry is None or str(entry["seq"]) != seq:  # this replica's copy may lag the ingress by a moment
+            await self.registry.refresh()
+            entry = self.registry.entries.get(adapter_id)
+        if entry is None or str(entry["seq"]) != seq or entry["base"] != self.config.id:
+            raise AdapterUnavailable(f"The model '{adapter_id}' does not exist.")
+        async with self.adapter_lock:
+            current = self.loaded.get(adapter_id)
+            if current is not None and current.seq == entry["seq"]:
+                current.retired = False  # back in Serve's cache before its unload ran
+                return current
+            if current is not None:  # an earlier registration of this id: its streams keep their weights
+                await self._unload_locked(current)
+            try:
+                folder = await asyncio.to_thread(adapter_folder, entry["uri"])
+                await self.adapter.load_lora(self.state, adapter_id, str(folder), self.config.id)
+            except Exception as exc:
+                raise AdapterUnavailable(f"Adapter '{adapter_id}' could not be loaded: {exc}", status=500) from exc
+            loaded = self.loaded[adapter_id] = LoadedAdapter(self, adapter_id, entry["seq"])
+            log.info("live adapter %s (registration %s) loaded from %s", adapter_id, seq, entry["uri"])
+            return loaded
+
+    def retire(self, adapter: LoadedAdapter) -> None:
+        if adapter.retired and not adapter.in_flight:
+            asyncio.get_running_loop().create_task(self._unload(adapter))
+
+    def _registry_changed(self, entries: dict[str, dict]) -> None:
+        for adapter in list(self.loaded.values()):
+            entry = entries.get(adapter.id)
+            if entry is None or entry["seq"] != adapter.seq:
+                adapter.deleted = adapter.retired = True
+                self.retire(adapter)
+
+    async def _unload(self, adapter: LoadedAdapter) -> None:
+        async with self.adapter_lock:
+            if adapter.retired and not adapter.in_flight:
+                await self._unload_locked(adapter)
+
+    async def _unload_locked(self, adapter: LoadedAdapter) -> None:
+        """Unload the adapter's name (requests running on it keep their weights: vLLM holds them per request)."""
+        if self.loaded.get(adapter.id) is adapter:
+            del self.loaded[adapter.id]
+            await self.adapter.unload_lora(self.state, adapter.id)
+            log.info("live adapter %s (registration %s) unloaded", adapter.id, adapter.seq)
+
+    async def check_adapter(self, uri: str) -> str | None:
+        """Load an adapter under a name of its own and unload it again: None, or why it cannot be served
+        here (vLLM checks its rank, modules and shapes against the base model)."""
+        import uuid
+
+        name = f"tuneserve-check-{uuid.uuid4().hex[:12]}"
+        try:
+            folder = await asyncio.to_thread(adapter_folder, uri)
+            misfit = await asyncio.to_thread(adapter_misfit, folder, Path(self.path))
+        except Exception as exc:
+            return str(exc)
+        if misfit:
+            return misfit
+        async with self.adapter_lock:
+            try:
+                lora_id = await self.adapter.load_lora(self.state, name, str(folder), self.config.id)
+            except Exception as exc:
+                return str(exc)
+            await self.adapter.unload_lora(self.state, name)
+            await self.engine.remove_lora(lora_id)  # no request ever used it
+        return None
 
     async def model_info(self) -> dict:
         return {"id": self.config.id, "root": self.path, "max_model_len": self.config.max_model_len,

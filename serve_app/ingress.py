@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -19,8 +20,9 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.adapters import AdapterRequest, RegistryView, mux_id, read_adapter_config
 from serve_app.auth import KeyStore
-from serve_app.config import LOCAL_PROVIDER, AppConfig, engine_deployment_name
+from serve_app.config import LOCAL_PROVIDER, NAME_PATTERN, AppConfig, engine_deployment_name
 from serve_app.metrics import ServingMetrics, cluster_exposition
 from serve_app.protocol import REQUEST_MODELS, APIError, format_validation_error
 from serve_app.providers.local import LocalEngineProvider
@@ -32,6 +34,8 @@ from serve_app.usage_store import Accounting
 log = logging.getLogger("tuneserve.ingress")
 
 HEALTH_TIMEOUT_S = 10.0
+REGISTRY_TIMEOUT_S = 30.0
+ADAPTER_CHECK_TIMEOUT_S = 300.0  # an engine replica fetches the adapter from storage and loads it
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
@@ -127,6 +131,18 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return APIError(500, f"Internal error: {type(exc).__name__}").response()
 
 
+async def _json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except ValueError as exc:
+        raise APIError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _adapter_object(entry: dict) -> dict:
+    return {"id": entry["id"], "object": "adapter", "base": entry["base"], "uri": entry["uri"],
+            "created": entry["created"]}
+
+
 def _require_admin(request: Request, what: str) -> None:
     key = request.state.api_key  # None when auth is off
     if key is not None and not key.admin:
@@ -141,7 +157,8 @@ class Ingress:
         self.replica = serve.get_replica_context()
         self.metrics = ServingMetrics(self.replica.app_name)
         # An adapter is served by its base model's engine.
-        local = LocalEngineProvider({i: engines[m.id] for i, m in config.local_models()})
+        local = self.local = LocalEngineProvider({i: engines[m.id] for i, m in config.local_models()})
+        self.engines = engines
         providers = {LOCAL_PROVIDER: local} if engines else {}
         providers.update({p.name: RemoteProvider(p) for p in config.providers})
         self.providers = providers
@@ -157,6 +174,13 @@ class Ingress:
                                      request_timeout_s=ingress.request_timeout_s,
                                      local_attempt_timeout_s=ingress.local_engines.attempt_timeout_s,
                                      keepalive_s=ingress.sse_keepalive_s)
+        # Live adapters: registered at runtime, on the engines of models that allow them.
+        self.live_bases = {m.id: m for m in config.models if m.live_adapters.enabled and m.task == "generate"}
+        self.live: dict[str, dict] = {}  # adapter id -> its registry entry, as routed by this replica
+        self.registry = None
+        if self.live_bases:
+            self.registry = RegistryView(self.replica.app_name, config.adapter_registry.path,
+                                         config.ingress.placement == "head", on_change=self._adapters_changed)
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
         api.add_middleware(RequestGuard, max_body_bytes=ingress.max_body_bytes, keys=KeyStore(ingress.api_keys),
@@ -173,7 +197,9 @@ class Ingress:
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:
-        """Local and remote models, each with the providers that serve it; then the aliases."""
+        """Local and remote models, each with the providers that serve it; then live adapters; then the
+        aliases."""
+        await self._live_ready()
         local = dict(self.config.local_models())
         models = []
         for model_id in self.config.model_ids():
@@ -185,6 +211,11 @@ class Ingress:
                 if local[model_id].id != model_id:  # a LoRA adapter on that model's engine
                     entry["parent"] = local[model_id].id
             models.append(entry)
+        for entry in self.live.values():
+            base = self.live_bases[entry["base"]]
+            models.append({"id": entry["id"], "object": "model", "created": entry["created"],
+                           "owned_by": base.owned_by, "providers": [LOCAL_PROVIDER], "parent": base.id,
+                           "root": entry["uri"], "max_model_len": base.max_model_len})
         models += [{"id": alias, "object": "model", "created": 0, "owned_by": "alias", "alias_of": targets}
                    for alias, targets in self.config.aliases.items()]
         return {"object": "list", "data": models}
@@ -215,6 +246,7 @@ class Ingress:
 
     async def _serve(self, endpoint: str, request: Request):
         """Validate the client's JSON, then hand it on as it was sent (see serve_app/protocol.py)."""
+        await self._live_ready()
         try:
             raw = json.loads(await request.body())
         except ValueError as exc:
@@ -241,6 +273,143 @@ class Ingress:
             raise APIError(400, f"Invalid {TIMEOUT_HEADER} header '{value[:40]}': seconds, more than 0 and at most "
                            f"{limit:g}.", param=TIMEOUT_HEADER, code="invalid_timeout")
         return timeout_s
+
+    # -- live adapters (serve_app/adapters.py) ------------------------------------------------------------
+
+    async def _live_ready(self) -> None:
+        """This replica's copy of the adapter registry, taken on its first request and then kept current."""
+        if self.registry is None or self.registry.version is not None:
+            return
+        try:
+            await self.registry.ready(timeout_s=10)
+        except Exception as exc:  # serve the configured models meanwhile; the view keeps trying
+            log.warning("adapter registry not reachable yet: %s", exc)
+
+    def _adapters_changed(self, entries: dict[str, dict]) -> None:
+        """Route what the registry holds: new adapters to their base model's engines, deleted ones nowhere."""
+        configured = set(self.config.model_ids()) | set(self.config.aliases)
+        wanted = {i: e for i, e in entries.items() if e["base"] in self.live_bases and i not in configured}
+        for adapter_id in set(self.live) - set(wanted):
+            self.router.withdraw(adapter_id)
+            self.local.live.pop(adapter_id, None)
+            self.serving.tasks.pop(adapter_id, None)
+            self.serving.contexts.pop(adapter_id, None)
+        for adapter_id, entry in wanted.items():
+            if self.live.get(adapter_id, {}).get("seq") == entry["seq"]:
+                continue
+            base = self.live_bases[entry["base"]]
+            self.router.offer_live(adapter_id, base.price)
+            self.local.live[adapter_id] = (self.engines[base.id], mux_id(entry))
+            self.serving.tasks[adapter_id] = "generate"
+            self.serving.contexts[adapter_id] = base.max_model_len
+        self.live = wanted
+
+    async def _registry_call(self, method: str, *args):
+        if self.registry is None:
+            raise APIError(400, "No model here takes live adapters (set live_adapters.enabled on a model).",
+                           code="live_adapters_off")
+        try:
+            registry = await self.registry.registry()
+            return await asyncio.wait_for(getattr(registry, method).remote(*args), REGISTRY_TIMEOUT_S)
+        except Exception as exc:
+            self.registry.handle = None
+            raise APIError(503, f"The adapter registry cannot be reached ({type(exc).__name__}). Retry shortly.",
+                           code="adapter_registry_unavailable", headers={"Retry-After": "2"}) from None
+
+    async def _register(self, wanted: AdapterRequest) -> dict:
+        """Check everything, then store: a refused adapter leaves nothing behind."""
+        from cluster.storage import StorageError, locate
+
+        await self._live_ready()
+        base_id = wanted.base
+        if base_id is None:
+            if len(self.live_bases) != 1:
+                raise APIError(400, "'base' is required: it names the model the adapter was trained on (here: "
+                               f"{', '.join(self.live_bases) or 'none takes live adapters'}).", param="base",
+                               code="invalid_value")
+            base_id = next(iter(self.live_bases))
+        base = self.live_bases.get(base_id)
+        if base is None:
+            local = dict(self.config.local_models())
+            if base_id in local:
+                raise APIError(400, f"The model '{base_id}' does not take live adapters (set live_adapters.enabled "
+                               "in its config).", param="base", code="live_adapters_off")
+            raise APIError(404, f"The base model '{base_id}' is not served here; live adapters go on: "
+                           f"{', '.join(self.live_bases)}.", param="base", code="model_not_found")
+        if wanted.id in set(self.config.model_ids()) | set(self.config.aliases) or wanted.id in self.live:
+            raise APIError(409, f"The model id '{wanted.id}' is taken.", param="id", code="adapter_exists")
+        if "#" in wanted.id or not re.fullmatch(NAME_PATTERN, wanted.id):
+            raise APIError(400, f"Invalid adapter id '{wanted.id[:80]}': letters, digits and . _ : / -, starting "
+                           "with a letter or digit.", param="id", code="invalid_value")
+        try:
+            uri = locate(wanted.uri).uri  # a storage-relative path becomes the URI every node resolves
+        except StorageError as exc:
+            raise APIError(400, f"Adapter not found: {exc}", param="uri", code="adapter_not_found") from None
+        adapter_config = await asyncio.to_thread(read_adapter_config, uri)
+        if int(adapter_config["r"]) > base.live_adapters.max_rank:
+            raise APIError(400, f"The adapter's rank {adapter_config['r']} exceeds live_adapters.max_rank "
+                           f"({base.live_adapters.max_rank}) of '{base.id}'.", param="uri", code="invalid_adapter")
+        try:  # one engine replica loads it and lets it go: vLLM's own check against the base model
+            why = await asyncio.wait_for(self.engines[base.id].check_adapter.remote(uri), ADAPTER_CHECK_TIMEOUT_S)
+        except Exception as exc:
+            raise APIError(503, f"No engine of '{base.id}' could check the adapter ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}). Retry shortly.", code="engine_unavailable") from None
+        if why:
+            raise APIError(400, f"The adapter at {uri} does not fit '{base.id}': {why[:500]}", param="uri",
+                           code="invalid_adapter")
+        outcome, entry = await self._registry_call("add", {"id": wanted.id, "base": base.id, "uri": uri})
+        if outcome == "exists":
+            raise APIError(409, f"The model id '{wanted.id}' is taken.", param="id", code="adapter_exists")
+        await self.registry.refresh()
+        log.info("live adapter %s registered on %s from %s", wanted.id, base.id, uri)
+        return entry
+
+    async def _unregister(self, adapter_id: str) -> dict:
+        await self._live_ready()
+        entry = await self._registry_call("remove", adapter_id)
+        if entry is None:
+            raise APIError(404, f"No live adapter '{adapter_id}'.", param="id", code="adapter_not_found")
+        await self.registry.refresh()
+        log.info("live adapter %s deleted", adapter_id)
+        return entry
+
+    @api.get("/v1/adapters")
+    async def list_adapters(self, request: Request) -> dict:
+        """Live adapters: id, base model, storage URI, when registered."""
+        _require_admin(request, "manage adapters")
+        await self._live_ready()
+        return {"object": "list", "data": [_adapter_object(e) for e in self.live.values()]}
+
+    @api.post("/v1/adapters")
+    async def create_adapter(self, request: Request) -> dict:
+        """Register a LoRA adapter: {id, base, uri}. Served within moments, by every replica, no restart."""
+        _require_admin(request, "manage adapters")
+        return _adapter_object(await self._register(AdapterRequest.parse(await _json(request), vllm_shape=False)))
+
+    @api.delete("/v1/adapters/{adapter_id:path}")
+    async def delete_adapter(self, adapter_id: str, request: Request) -> dict:
+        """Unregister: new requests get 404 at once; streams running on it finish."""
+        _require_admin(request, "manage adapters")
+        await self._unregister(adapter_id)
+        return {"id": adapter_id, "object": "adapter", "deleted": True}
+
+    @api.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """vLLM's shape of a registration: {lora_name, lora_path, base_model_name}."""
+        _require_admin(request, "manage adapters")
+        entry = await self._register(AdapterRequest.parse(await _json(request), vllm_shape=True))
+        return Response(f"Success: LoRA adapter '{entry['id']}' added successfully.", media_type="text/plain")
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """vLLM's shape of a deletion: {lora_name}."""
+        _require_admin(request, "manage adapters")
+        body = await _json(request)
+        name = body.get("lora_name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "'lora_name' must be a non-empty string.", param="lora_name", code="invalid_value")
+        await self._unregister(name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     @api.get("/admin/usage")
     async def usage(self, request: Request) -> dict:

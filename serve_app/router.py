@@ -85,7 +85,7 @@ class Router:
             self.states[LOCAL_PROVIDER] = ProviderState(max_concurrency=None)
             # What local engines honour: provider.require_parameters skips them for anything else.
             self.supported[LOCAL_PROVIDER] = set().union(*LOCAL_PARAMETERS.values())
-        local_breaker = config.ingress.local_engines.circuit_breaker
+        local_breaker = self.local_breaker = config.ingress.local_engines.circuit_breaker
         for model in config.models:
             self._offer(Candidate(LOCAL_PROVIDER, model.id, model.id, model.price), local_breaker)
             for adapter in model.adapters:
@@ -100,9 +100,19 @@ class Router:
                             provider.circuit_breaker)
 
     def _offer(self, candidate: Candidate, breaker: CircuitBreaker) -> None:
-        self.routes[(candidate.provider, candidate.model)] = RouteState(breaker=breaker)
+        self.routes.setdefault((candidate.provider, candidate.model), RouteState(breaker=breaker))
         self.candidates.setdefault(candidate.model, []).append(candidate)
         self.owners.setdefault(candidate.model, []).append(candidate.provider)
+
+    def offer_live(self, adapter_id: str, price: Price) -> None:
+        """A live adapter (serve_app/adapters.py) on its base model's engines."""
+        if adapter_id not in self.candidates:
+            self._offer(Candidate(LOCAL_PROVIDER, adapter_id, adapter_id, price), self.local_breaker)
+
+    def withdraw(self, model_id: str) -> None:
+        """No new requests for `model_id`; its route state stays for the requests still running."""
+        self.candidates.pop(model_id, None)
+        self.owners.pop(model_id, None)
 
     # -- planning -----------------------------------------------------------------------------------
 

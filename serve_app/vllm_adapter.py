@@ -169,3 +169,25 @@ def response_sse(event) -> str:
 
 def dump_response(result) -> dict:
     return result.model_dump(mode="json", by_alias=True, exclude_none=False)
+
+
+async def load_lora(state, name: str, folder: str, base_model: str) -> int:
+    """Load a LoRA adapter at runtime through vLLM's serving layer, as `POST /v1/load_lora_adapter` does
+    (vLLM loads it into the engine, checking it against the base model); its lora_int_id."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+    models = state.openai_serving_models
+    result = await models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=folder),
+                                            base_model_name=base_model)
+    if not isinstance(result, str):  # an ErrorResponse
+        raise ValueError(result.error.message)
+    return models.lora_requests[name].lora_int_id
+
+
+async def unload_lora(state, name: str) -> None:
+    """Forget an adapter's name; requests already running on it keep their LoRARequest and finish."""
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    result = await state.openai_serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+    if not isinstance(result, str):
+        raise ValueError(result.error.message)

@@ -222,6 +222,9 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
             # the fine-tuned adapter, served by this engine through vLLM's LoRA support
             "adapters": [{"id": ADAPTER_ID, "path": assistant_weights["adapter"]}],
+            # and adapters registered at runtime (tests/test_live_adapters.py); one held at a time, so that
+            # two adapters take turns through eviction and reload
+            "live_adapters": {"enabled": True, "cache_size": 1},
         }, {
             # the same weights served as an embedding model, through vLLM's pooling runner; no CPU reserved,
             # so that the fine-tune tests after the serving tests still find their 2 CPUs
@@ -235,6 +238,7 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
         }],
         "providers": providers,
         "aliases": {"smart": ["lonely-model", "echo-model"]},
+        "adapter_registry": {"path": f"file://{tmp_path_factory.mktemp('adapters')}"},
         "ingress": {"max_body_bytes": 256 * 1024, "max_n": 4,
                     "usage_store": {"path": f"file://{tmp_path_factory.mktemp('usage')}"},
                     "api_keys": [{"name": name, "sha256": _sha256(key), **policy}

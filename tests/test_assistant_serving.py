@@ -60,10 +60,16 @@ def test_adapter_config_errors(tmp_path):
     with pytest.raises(ValueError, match="model ids must be unique"):
         AppConfig.model_validate({"models": [{"id": "a", "adapters": [{"id": "a", "path": str(tmp_path)}]}]})
     from serve_app.config import ModelConfig
-    from serve_app.engine import max_lora_rank
+    from serve_app.engine import lora_settings
 
     model = ModelConfig.model_validate({"id": "a", "adapters": [{"id": "b", "path": str(tmp_path)}]})
     with pytest.raises(ValueError, match="not a PEFT adapter folder"):
-        max_lora_rank(model)
+        lora_settings(model)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 24}))
-    assert max_lora_rank(model) == 32  # the next rank vLLM accepts
+    assert lora_settings(model) == {"enable_lora": True, "max_loras": 1, "max_lora_rank": 32}  # next rank vLLM takes
+    # live adapters leave room: their max rank, their adapters per batch, and vLLM's cache for every one held
+    live = model.model_copy(update={"live_adapters": {"enabled": True, "max_rank": 64, "max_loras": 4,
+                                                      "cache_size": 3}})
+    live = ModelConfig.model_validate(live.model_dump())
+    assert lora_settings(live) == {"enable_lora": True, "max_loras": 4, "max_lora_rank": 64, "max_cpu_loras": 8}
+    assert lora_settings(ModelConfig.model_validate({"id": "c"})) == {}

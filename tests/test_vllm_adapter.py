@@ -191,3 +191,75 @@ def test_embeddings_engine(loop):
         assert refused.status == 400
     finally:
         engine.engine.shutdown()
+
+
+def make_lora(folder, model_folder, rank: int = 8, scale: float = 0.01, in_features_cut: int | None = None):
+    """A PEFT LoRA adapter on q_proj and v_proj of every layer, with random weights shaped from the base
+    model's config.json (so that it works on a dummy-weight model too). `in_features_cut` makes lora_A
+    narrower than the model: an adapter of another, smaller model."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder, config = Path(folder), json.loads((Path(model_folder) / "config.json").read_text())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    outs = {"q_proj": heads * head_dim, "v_proj": config.get("num_key_value_heads", heads) * head_dim}
+    inputs = in_features_cut or hidden
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, out in outs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            weights[f"{prefix}.lora_A.weight"] = torch.randn(rank, inputs, generator=generator) * scale
+            weights[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * scale
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": list(outs), "bias": "none", "base_model_name_or_path": str(model_folder)}))
+    return folder
+
+
+@engine_checks
+def test_lora_loads_and_unloads_at_runtime(loop, tmp_path):
+    """What live adapters (serve_app/adapters.py) ask of vLLM, through the adapter module: load a LoRA into
+    a running engine by name, serve it, refuse one of too high a rank, unload it; and the shape check that
+    vLLM does not make."""
+    from pathlib import Path
+
+    from cluster.model_cache import resolve_model_path
+    from serve_app import vllm_adapter
+    from serve_app.engine import EngineDeployment, adapter_misfit
+
+    model = _model()
+    model = model.model_copy(update={"id": "check-lora", "engine_kwargs": {
+        **model.engine_kwargs, "enable_lora": True, "max_lora_rank": 16, "max_loras": 2,
+        **({"gpu_memory_utilization": 0.2} if _on_gpu() else {})}})
+    folder = Path(resolve_model_path(model.path))
+    fits, too_big = make_lora(tmp_path / "fits", folder), make_lora(tmp_path / "r32", folder, rank=32)
+    misfit = make_lora(tmp_path / "misfit", folder, in_features_cut=64)
+    weighed = any(folder.glob("*.safetensors"))  # a dummy-weight model (the device's) has no shapes to read
+    assert adapter_misfit(fits, folder) is None
+    assert not weighed or "trained on another model" in adapter_misfit(misfit, folder)
+    engine = EngineDeployment.__new__(EngineDeployment)
+    loop.run_until_complete(engine.__init__(model, _on_gpu()))
+    try:
+        lora_id = loop.run_until_complete(vllm_adapter.load_lora(engine.state, "fits", str(fits), "check-lora"))
+        assert isinstance(lora_id, int)
+        body = {"model": "fits", "messages": ASK, "max_tokens": 8, "temperature": 0}
+        assert _one(_serve(loop, engine, "chat", body))["model"] == "fits"
+        with pytest.raises(ValueError, match="rank|Rank"):
+            loop.run_until_complete(vllm_adapter.load_lora(engine.state, "r32", str(too_big), "check-lora"))
+        loop.run_until_complete(vllm_adapter.unload_lora(engine.state, "fits"))
+        [gone] = _serve(loop, engine, "chat", body)
+        assert gone.status == 404
+        # the engine's own check (registration): loads under a name of its own, and leaves nothing
+        assert loop.run_until_complete(engine.check_adapter(f"file://{fits}")) is None
+        if weighed:
+            assert "another model" in loop.run_until_complete(engine.check_adapter(f"file://{misfit}"))
+        assert "rank" in loop.run_until_complete(engine.check_adapter(f"file://{too_big}")).lower()
+        assert set(engine.state.openai_serving_models.lora_requests) == set()
+    finally:
+        engine.engine.shutdown()

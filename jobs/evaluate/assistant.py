@@ -88,40 +88,21 @@ def first_words(text: str, count: int = 5) -> str:
     return " ".join(normalise(text).split()[:count])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate.assistant", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="default", help="base model: HF folder or 'default'")
-    parser.add_argument("--tuned", required=True, help="fine-tuned model: merged HF folder")
-    parser.add_argument("--heldout", required=True, help="held-out questions from `python -m jobs.data identity`")
-    parser.add_argument("--ppl-limit", type=int, default=None, help="first N GSM8K answers (default: all 1,319)")
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--out", default=None, help="output folder (default: beside --tuned)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-
-    from cluster.local import connect
+def evaluate(base: str, tuned: str, identity_qs: list[str], general_qs: list[str], owner: str,
+             ppl_limit: int | None, max_tokens: int) -> tuple[dict, dict[str, list[str]], list[str]]:
+    """Base and tuned side by side (needs a connected Ray): the result (rows of figures), every answer per
+    model, and the questions in order."""
     from cluster.model_cache import resolve_model_path
     from jobs.data.identity import names_owner
 
-    try:
-        identity_qs, general_qs, owner = read_heldout(args.heldout)
-        if not DEFAULT_GSM8K.is_file():
-            raise FileNotFoundError(f"{DEFAULT_GSM8K}: GSM8K test set not found (set TUNESERVE_GSM8K)")
-        out = locate(args.out) if args.out else locate(args.tuned)
-        if not args.out:  # beside the tuned model: <run>/assistant_eval
-            out = out.at(out.path.rstrip("/").rsplit("/", 1)[0]).join("assistant_eval")
-    except (OSError, ValueError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    connect(logging_level=logging.WARNING)
-    models = {"base": args.base, "tuned": args.tuned}  # engines resolve them on their own nodes
+    models = {"base": base, "tuned": tuned}  # engines resolve them on their own nodes
     questions = identity_qs + general_qs
     rows, outputs = {}, {}
+    count = 0
     for name, path in models.items():
         started = time.perf_counter()
-        replies = answers(path, questions, args.max_tokens)
-        ppl, count = gsm8k_perplexity(resolve_model_path(path), args.ppl_limit)  # here, in the driver
+        replies = answers(path, questions, max_tokens)
+        ppl, count = gsm8k_perplexity(resolve_model_path(path), ppl_limit)  # here, in the driver
         outputs[name] = replies
         rows[name] = {"model": name, "identity": sum(names_owner(r, owner) for r in replies[:len(identity_qs)])
                       / len(identity_qs), "gsm8k_ppl": round(ppl, 4), "wall_s": round(time.perf_counter() - started, 1)}
@@ -135,6 +116,38 @@ def main(argv: list[str] | None = None) -> int:
     change = rows["tuned"]["gsm8k_ppl"] / rows["base"]["gsm8k_ppl"] - 1
     result = {"owner": owner, "identity_questions": len(identity_qs), "general_questions": len(general_qs),
               "gsm8k_answers": count, "ppl_change": round(change, 4), "rows": list(rows.values())}
+    return result, outputs, questions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate.assistant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="default", help="base model: HF folder or 'default'")
+    parser.add_argument("--tuned", required=True, help="fine-tuned model: merged HF folder")
+    parser.add_argument("--heldout", required=True, help="held-out questions from `python -m jobs.data identity`")
+    parser.add_argument("--ppl-limit", type=int, default=None, help="first N GSM8K answers (default: all 1,319)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--out", default=None, help="output folder (default: beside --tuned)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    from cluster.local import connect
+
+    try:
+        identity_qs, general_qs, owner = read_heldout(args.heldout)
+        if not DEFAULT_GSM8K.is_file():
+            raise FileNotFoundError(f"{DEFAULT_GSM8K}: GSM8K test set not found (set TUNESERVE_GSM8K)")
+        out = locate(args.out) if args.out else locate(args.tuned)
+        if not args.out:  # beside the tuned model: <run>/assistant_eval
+            out = out.at(out.path.rstrip("/").rsplit("/", 1)[0]).join("assistant_eval")
+    except (OSError, ValueError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    connect(logging_level=logging.WARNING)
+    result, outputs, questions = evaluate(args.base, args.tuned, identity_qs, general_qs, owner, args.ppl_limit,
+                                          args.max_tokens)
+    rows, change, count = {r["model"]: r for r in result["rows"]}, result["ppl_change"], result["gsm8k_answers"]
+    general = general_qs
     out.join("results.json").write_text(json.dumps(result, indent=1))
     out.join("answers.jsonl").write_text("".join(
         json.dumps({"question": q, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}) + "\n"

@@ -13,7 +13,9 @@ on a cluster whose nodes share no disk): relative data paths and output.dir are 
 Output under <output.dir>/<output.name>/: checkpoint_*/, metrics.jsonl, chat_eval.jsonl, tensorboard/,
 attempts.jsonl (the nodes each worker group ran on and the step it resumed from), and at the end
 adapter/ (PEFT) and merged/ (full HF model) for LoRA/QLoRA, or model/ for full fine-tuning, and
-summary.json. Re-running the same command resumes from the last checkpoint in storage.
+summary.json. Re-running the same command resumes from the last checkpoint in storage. With a `publish:`
+section the adapter is then evaluated and, if it passes the gate, served by the running service
+(jobs/finetune/publish.py); exit code 3 when the gate refuses it.
 `python -m jobs.export pull <output.name>` copies a run to this machine.
 """
 
@@ -40,6 +42,7 @@ from jobs.finetune.config import (
     load_config,
     resolved_dtype,
 )
+from jobs.finetune.publish import PublishError
 
 log = logging.getLogger("tuneserve.finetune")
 
@@ -151,6 +154,10 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     summary.update({"wall_s": round(wall_s, 1), "total_steps": total_steps, "data": data_stats, "dtype": dtype,
                     "use_gpu": use_gpu, "run": run.uri, "checkpoint": result.checkpoint.path})
     run.join("summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.publish is not None:  # evaluate, and register with the running service if the gate passes
+        from jobs.finetune.publish import publish
+
+        summary["publish"] = publish(cfg, summary)
     return summary
 
 
@@ -223,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run(cfg, dry_run=args.dry_run)
+    except PublishError as exc:  # trained and saved; not published
+        print(f"{'refused' if exc.refused else 'error'}: {exc}", file=sys.stderr)
+        return 3 if exc.refused else 2
     except (ConfigError, DataError, ExportError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

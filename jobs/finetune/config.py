@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -109,6 +109,40 @@ class OutputSection(Strict):
     merge_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the training dtype
 
 
+class GateSection(Strict):
+    """What the fine-tuned adapter must show before it is published: `jobs.evaluate.assistant`'s figures
+    (base and tuned side by side on held-out questions and GSM8K answers) against these thresholds, or a
+    command of the user's own that exits 0 to pass."""
+
+    heldout: str | None = None  # held-out questions (`python -m jobs.data identity` writes them); a storage path
+    min_identity: float = Field(0.8, ge=0, le=1)  # share of held-out identity questions answered with the owner
+    min_general_same_start: float = Field(0.5, ge=0, le=1)  # general answers that start as the base's do
+    max_general_names_owner: int = Field(0, ge=0)  # general answers that name the owner (over-fitting)
+    max_ppl_change: float = Field(0.10, gt=-1)  # GSM8K answer perplexity, relative change against the base
+    ppl_limit: int | None = Field(200, ge=1)  # GSM8K answers scored (None: all 1,319)
+    max_tokens: int = Field(96, ge=1)
+    # A user-given evaluation instead: run with TUNESERVE_ADAPTER (its URI) and TUNESERVE_MERGED set.
+    command: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_evaluation(self) -> "GateSection":
+        if (self.heldout is None) == (self.command is None):
+            raise ValueError("publish.gate: give heldout (the assistant evaluation) or command (your own)")
+        return self
+
+
+class PublishSection(Strict):
+    """After training: evaluate, and if the gate passes, register the adapter with the running service
+    (`POST /v1/adapters`), which serves it within moments without a restart (docs/finetune.md)."""
+
+    endpoint: str  # the service's base URL, e.g. http://head:8000 (with its route prefix, if any)
+    adapter_id: str
+    base: str | None = None  # the service's base model id; default: its only model with live adapters
+    api_key_env: str = "TUNESERVE_ADMIN_KEY"  # the environment variable holding an admin key (if auth is on)
+    gate: GateSection
+    timeout_s: float = Field(60.0, gt=0)  # the adapter must be listed and answering within this
+
+
 class FinetuneConfig(Strict):
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
@@ -121,6 +155,7 @@ class FinetuneConfig(Strict):
     checkpoint: CheckpointSection = CheckpointSection()
     monitor: MonitorSection = MonitorSection()
     output: OutputSection = OutputSection()
+    publish: PublishSection | None = None
 
     def run_location(self):
         """The run's folder in storage (cluster/storage.py)."""

@@ -20,11 +20,18 @@ class LocalEngineProvider:
 
     def __init__(self, handles: dict):
         self._handles = handles
+        # Live adapters (serve_app/adapters.py): id -> (the base model's engine handle, multiplexed id).
+        # Serve's multiplexing sends each to replicas that hold it; the engine loads it if none does.
+        self.live: dict[str, tuple] = {}
 
     async def stream(self, call: ProviderCall) -> AsyncIterator[Piece]:
-        handle = self._handles[call.body["model"]]
-        responses = handle.options(stream=True).serve.remote(call.endpoint, call.body, call.request_id,
-                                                             call.client_wants_usage)
+        live = self.live.get(call.body["model"])
+        if live is not None:
+            handle, multiplexed_id = live
+            handle = handle.options(stream=True, multiplexed_model_id=multiplexed_id)
+        else:
+            handle = self._handles[call.body["model"]].options(stream=True)
+        responses = handle.serve.remote(call.endpoint, call.body, call.request_id, call.client_wants_usage)
         done = False
         try:
             async for piece in responses:
