@@ -442,7 +442,12 @@ def free_port() -> int:
 def connect(**init_kwargs):
     """Join the Ray cluster a job should run on: the one `ray job submit` names (RAY_ADDRESS), else this
     project's local head when it is up, else a fresh local Ray that lives as long as this process.
-    Call it before anything imports ray (see client_env)."""
+    Call it before anything imports ray (see client_env). Already connected (a job that evaluates after
+    it trains, say): that connection stays."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return None
     address = os.environ.get("RAY_ADDRESS", "")
     if address and not address.startswith("http"):
         import ray

@@ -25,6 +25,17 @@ def test_head_status_and_env(ray_head):
     assert ray_head._recorded_pids(), "the head's PIDs are recorded for `down`"
 
 
+def test_connect_keeps_a_connection_made_before(ray_head):
+    """A job that evaluates after it trains connects twice in one process (the publish step's gate did, and
+    ray.init refused the second call)."""
+    import ray
+
+    assert ray.is_initialized()
+    context = ray.get_runtime_context().get_node_id()
+    assert ray_head.connect() is None
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == context
+
+
 def test_ray_job_submit_with_token_auth(ray_head):
     env = {**os.environ, **ray_head.client_env()}
     cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", str(REPO_ROOT), "--",

@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = run(cfg, dry_run=args.dry_run)
     except PublishError as exc:  # trained and saved; not published
-        print(f"{'refused' if exc.refused else 'error'}: {exc}", file=sys.stderr)
-        return 3 if exc.refused else 2
+        return exc.exit_code()
     except (ConfigError, DataError, ExportError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -42,6 +42,11 @@ class PublishError(RuntimeError):
         super().__init__(message)
         self.refused = refused
 
+    def exit_code(self) -> int:
+        """Said on stderr; the command's exit code: 3 when the gate refused, 2 for any other failure."""
+        print(f"{'refused' if self.refused else 'error'}: {self}", file=sys.stderr)
+        return 3 if self.refused else 2
+
 
 def run_gate(gate: GateSection, base: str, summary: dict, run: Location) -> tuple[bool, dict, list[str]]:
     """(passed, figures, reasons it failed)."""
@@ -169,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{summary_file.uri}: no finished run (train it first with python -m jobs.finetune)")
         record = publish(cfg, json.loads(summary_file.read_text()))
     except PublishError as exc:
-        print(f"{'refused' if exc.refused else 'error'}: {exc}", file=sys.stderr)
-        return 3 if exc.refused else 2
+        return exc.exit_code()
     except (ConfigError, storage.StorageError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
