@@ -272,13 +272,27 @@ def file_lock(path: Path):
 _COMPLETE = ".tuneserve-fetched"
 
 
+def fingerprint(location: Location) -> str:
+    """What a file or folder in storage holds, as its listing tells: each file's path, size and modification
+    time. New bytes written to the same URI (a run published again after it resumed) change it, unless they
+    have the same size and come within the store's time resolution (a second on S3)."""
+    info = _call(location, lambda: location.fs.get_file_info(location.path))
+    if info.type == pafs.FileType.Directory:
+        selector = pafs.FileSelector(location.path, recursive=True)
+        infos = _call(location, lambda: location.fs.get_file_info(selector))
+    else:
+        infos = [info]
+    return "\n".join(sorted(f"{i.path}|{i.size}|{i.mtime_ns}" for i in infos if i.type == pafs.FileType.File))
+
+
 def local_copy(path_or_uri: str | Path) -> Path:
     """A folder or file in storage as a local path on this node. Local paths are used in place; anything
-    remote is fetched into this node's cache once (under a lock, so concurrent replicas fetch it once)."""
+    remote is fetched into this node's cache once per content (under a lock, so concurrent replicas fetch
+    it once): the cache is keyed by the URI and its fingerprint, so new bytes at the same URI are fetched."""
     location = check(path_or_uri, must_exist=True)
     if location.is_local:
         return Path(location.path)
-    digest = hashlib.sha256(location.uri.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{location.uri}\n{fingerprint(location)}".encode()).hexdigest()[:16]
     target = cache_dir() / "storage" / f"{location.name}-{digest}"
     marker = target.parent / f"{target.name}{_COMPLETE}"
     if marker.exists():

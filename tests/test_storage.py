@@ -106,6 +106,15 @@ def test_local_copy_fetches_once_under_a_lock(s3, tmp_path, monkeypatch):
     assert len(results) == 4 and len(set(results)) == 1
     assert downloads == ["s3://tuneserve/root/models/m"]
     assert (results[0] / "weights.bin").read_bytes() == (tmp_path / "model" / "weights.bin").read_bytes()
+    assert storage.local_copy("s3://tuneserve/root/models/m") == results[0] and len(downloads) == 1
+    # New bytes at the same URI (an adapter published again from a resumed run): fetched, not the old copy.
+    # Same size here, so the object store's modification time tells them apart: it counts whole seconds.
+    time.sleep(1.1)
+    (tmp_path / "model" / "weights.bin").write_bytes(os.urandom(1 << 20))
+    storage.locate("models/m").upload(tmp_path / "model")
+    fresh = storage.local_copy("s3://tuneserve/root/models/m")
+    assert len(downloads) == 2 and fresh != results[0]
+    assert (fresh / "weights.bin").read_bytes() == (tmp_path / "model" / "weights.bin").read_bytes()
 
 
 @pytest.mark.parametrize("uri, message", [
