@@ -37,6 +37,8 @@ CPU_ENGINE_ENV = {
 # the function's parameters, in compact JSON.
 ENGINE_ENV = {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
 
+REGISTRY_REFRESH_TIMEOUT_S = 5.0  # a live adapter's first request waits at most this for the registry
+
 
 def multicast_off(env: dict[str, str] = os.environ) -> bool:
     """True on nodes that keep NVLink multicast off (as shared GPU hosts do)."""
@@ -344,7 +346,10 @@ class EngineDeployment:
         adapter_id, _, seq = multiplexed_id.rpartition("#")
         entry = self.registry.entries.get(adapter_id)
         if entry is None or str(entry["seq"]) != seq:  # this replica's copy may lag the ingress by a moment
-            await self.registry.refresh()
+            try:
+                await asyncio.wait_for(self.registry.refresh(), REGISTRY_REFRESH_TIMEOUT_S)
+            except Exception as exc:  # the registry is unreachable: the copy this replica has decides
+                log.warning("adapter registry unreachable while loading %s: %s", adapter_id, exc)
             entry = self.registry.entries.get(adapter_id)
         if entry is None or str(entry["seq"]) != seq or entry["base"] != self.config.id:
             raise AdapterUnavailable(f"The model '{adapter_id}' does not exist.")

@@ -178,6 +178,7 @@ class Ingress:
         self.live_bases = {m.id: m for m in config.models if m.live_adapters.enabled and m.task == "generate"}
         self.live: dict[str, dict] = {}  # adapter id -> its registry entry, as routed by this replica
         self.registry = None
+        self.registry_waited = False
         if self.live_bases:
             self.registry = RegistryView(self.replica.app_name, config.adapter_registry.path,
                                          config.ingress.placement == "head", on_change=self._adapters_changed)
@@ -278,11 +279,12 @@ class Ingress:
 
     async def _live_ready(self) -> None:
         """This replica's copy of the adapter registry, taken on its first request and then kept current."""
-        if self.registry is None or self.registry.version is not None:
+        if self.registry is None or self.registry.version is not None or self.registry_waited:
             return
         try:
             await self.registry.ready(timeout_s=10)
         except Exception as exc:  # serve the configured models meanwhile; the view keeps trying
+            self.registry_waited = True  # once: later requests do not wait for it
             log.warning("adapter registry not reachable yet: %s", exc)
 
     def _adapters_changed(self, entries: dict[str, dict]) -> None:
