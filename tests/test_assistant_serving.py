@@ -68,8 +68,7 @@ def test_adapter_config_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 24}))
     assert lora_settings(model) == {"enable_lora": True, "max_loras": 1, "max_lora_rank": 32}  # next rank vLLM takes
     # live adapters leave room: their max rank, their adapters per batch, and vLLM's cache for every one held
-    live = model.model_copy(update={"live_adapters": {"enabled": True, "max_rank": 64, "max_loras": 4,
-                                                      "cache_size": 3}})
-    live = ModelConfig.model_validate(live.model_dump())
+    live = ModelConfig.model_validate({**model.model_dump(), "live_adapters": {
+        "enabled": True, "max_rank": 64, "max_loras": 4, "cache_size": 3}})
     assert lora_settings(live) == {"enable_lora": True, "max_loras": 4, "max_lora_rank": 64, "max_cpu_loras": 8}
     assert lora_settings(ModelConfig.model_validate({"id": "c"})) == {}
