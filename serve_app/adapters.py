@@ -27,7 +27,7 @@ from typing import Callable
 import ray
 
 from serve_app.protocol import APIError
-from serve_app.state_actors import open_state_actor
+from serve_app.state_actors import open_state_actor, state_uri
 
 log = logging.getLogger("tuneserve.adapters")
 REGISTRY_FILE = "registry.json"
@@ -55,7 +55,6 @@ class AdapterRegistry:
         self.location = locate(uri).join(REGISTRY_FILE) if uri else None
         self.entries: dict[str, dict] = {}
         self.seq = 0  # registrations so far, saved: a seq is never reused
-        self.version = 0
         self.changed: asyncio.Event | None = None
         if self.location is not None and self.location.exists():
             saved = json.loads(self.location.read_text())
@@ -142,10 +141,8 @@ class RegistryView:
         return self.handle
 
     def _connect(self):
-        from cluster.storage import locate
-
-        uri = locate(self.path).join(self.app_name).uri if self.path else None
-        return open_state_actor(AdapterRegistry, registry_name(self.app_name), self.head_node, uri)
+        return open_state_actor(AdapterRegistry, registry_name(self.app_name), self.head_node,
+                                state_uri(self.path, self.app_name))
 
     async def refresh(self) -> None:
         """Take the registry's set now (after a change this replica made)."""
@@ -167,9 +164,9 @@ class RegistryView:
     async def _watch(self) -> None:
         while True:
             try:
-                registry = await self.registry()
                 if self.version is None:
-                    self._take(*await asyncio.wait_for(registry.snapshot.remote(), START_TIMEOUT_S))
+                    await self.refresh()
+                registry = await self.registry()
                 version, entries = await asyncio.wait_for(registry.watch.remote(self.version),
                                                           WATCH_TIMEOUT_S + 10)
                 self._take(version, entries)

@@ -248,10 +248,7 @@ class Ingress:
     async def _serve(self, endpoint: str, request: Request):
         """Validate the client's JSON, then hand it on as it was sent (see serve_app/protocol.py)."""
         await self._live_ready()
-        try:
-            raw = json.loads(await request.body())
-        except ValueError as exc:
-            raise APIError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        raw = await _json(request)
         if not isinstance(raw, dict):
             raise APIError(400, "The request body must be a JSON object (Content-Type: application/json).",
                            code="invalid_body")

@@ -37,7 +37,7 @@ from serve_app.auth import ANONYMOUS, WINDOW_S, KeyUsage, Ledger, check_models, 
 from serve_app.config import ApiKey, UsageStoreConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
-from serve_app.state_actors import STATE_NAMESPACE as STORE_NAMESPACE, open_state_actor
+from serve_app.state_actors import STATE_NAMESPACE as STORE_NAMESPACE, open_state_actor, state_uri
 
 log = logging.getLogger("tuneserve.usage")
 USAGE_FILE = "usage.json"
@@ -305,11 +305,8 @@ class Accounting:
 
     def _connect(self):
         """The app's store, created when it does not exist (or died for good); it reads the saved totals."""
-        from cluster.storage import locate
-
-        uri = locate(self.config.path).join(self.app_name).uri if self.config.path else None
-        return open_state_actor(UsageStore, store_name(self.app_name), self.head_node, uri,
-                                self.config.persist_interval_s)
+        return open_state_actor(UsageStore, store_name(self.app_name), self.head_node,
+                                state_uri(self.config.path, self.app_name), self.config.persist_interval_s)
 
     async def _call(self, method, *args):
         return await asyncio.wait_for(method.remote(*args), self.config.timeout_s)

@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     result, outputs, questions = evaluate(args.base, args.tuned, identity_qs, general_qs, owner, args.ppl_limit,
                                           args.max_tokens)
     rows, change, count = {r["model"]: r for r in result["rows"]}, result["ppl_change"], result["gsm8k_answers"]
-    general = general_qs
     out.join("results.json").write_text(json.dumps(result, indent=1))
     out.join("answers.jsonl").write_text("".join(
         json.dumps({"question": q, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}) + "\n"
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
              "names the owner | GSM8K answer ppl |", "|---|---|---|---|---|---|"]
     for row in rows.values():
         table.append(f"| {row['model']} | {row['identity']:.1%} | {row['general_agreement']:.0%} | "
-                     f"{row['general_same_start']:.0%} | {row['general_names_owner']}/{len(general)} | {row['gsm8k_ppl']} |")
+                     f"{row['general_same_start']:.0%} | {row['general_names_owner']}/{len(general_qs)} | {row['gsm8k_ppl']} |")
     text = "\n".join(table) + f"\n\nperplexity change: {change:+.2%} over {count} GSM8K answers\n"
     out.join("results.md").write_text(text)
     print("\n" + text + f"written to {out.uri}/")
