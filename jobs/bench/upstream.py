@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,7 @@ def build_upstream(name: str) -> FastAPI:
     app.state.failing = False
     app.state.calls = Counter()
     app.state.last_body = None
+    app.state.client_ports = Counter()  # requests per client TCP port: one port means one pooled connection
 
     @app.get("/last")
     async def last() -> dict:
@@ -73,6 +75,7 @@ def build_upstream(name: str) -> FastAPI:
         app.state.last_body = body
         model = str(body.get("model", "echo"))
         app.state.calls[model] += 1
+        app.state.client_ports[request.client.port] += 1
         if model == "malformed":
             if body.get("stream"):
                 return StreamingResponse(_malformed_stream(), media_type="text/event-stream")
@@ -223,8 +226,19 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--name", default="upstream")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port (a benchmark upstream that must never be the limit)")
     args = parser.parse_args(argv)
-    uvicorn.run(build_upstream(args.name), host="127.0.0.1", port=args.port, log_level="warning")
+    if args.workers == 1:
+        uvicorn.run(build_upstream(args.name), host="127.0.0.1", port=args.port, log_level="warning")
+    else:  # uvicorn's workers import the app by name; the name of the server travels in the environment
+        os.environ["TUNESERVE_UPSTREAM_NAME"] = args.name
+        uvicorn.run("jobs.bench.upstream:_app_from_env", factory=True, workers=args.workers, host="127.0.0.1",
+                    port=args.port, log_level="warning")
+
+
+def _app_from_env() -> FastAPI:
+    return build_upstream(os.environ.get("TUNESERVE_UPSTREAM_NAME", "upstream"))
 
 
 if __name__ == "__main__":

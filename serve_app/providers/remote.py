@@ -7,6 +7,7 @@ set back to the id the client asked for. We read what we need from them: usage, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,6 +24,9 @@ log = logging.getLogger("tuneserve.remote")
 
 # Upstream answers that mean "the client's request is wrong": passed through, never retried elsewhere.
 _CLIENT_ERRORS = {400, 413, 422}
+# After a stream's last event, how long we read on to the end of the response. A response left unread
+# makes httpx close its connection instead of pooling it: a new TCP (and TLS) handshake per request.
+DRAIN_AFTER_END_S = 1.0
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -118,7 +122,8 @@ class RemoteProvider:
     async def _events(self, response: httpx.Response, call: ProviderCall, deadline: float) -> AsyncIterator[Piece]:
         """Relay the upstream's SSE events, rewritten only in `model`; the usage chunk is held apart."""
         event_name = None
-        async for line in response.aiter_lines():
+        lines = response.aiter_lines()
+        async for line in lines:
             if time.monotonic() > deadline:
                 raise ProviderError(f"{self.name}: exceeded its total timeout", reason="timeout")
             if line.startswith("event:"):
@@ -128,6 +133,7 @@ class RemoteProvider:
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
+                await _drain(lines)
                 return
             try:
                 event = json.loads(data)
@@ -142,6 +148,7 @@ class RemoteProvider:
             if piece is not None:
                 yield piece
             if call.endpoint == "responses" and piece is not None and piece.usage is not None:
+                await _drain(lines)
                 return  # response.completed: the Responses API has no [DONE]
         if call.endpoint != "responses":
             raise ProviderError(f"{self.name}: the stream ended without [DONE]", reason="disconnect")
@@ -169,6 +176,17 @@ class RemoteProvider:
         if usage is not None and not call.client_wants_usage:
             event.pop("usage")  # continuous usage the client did not ask for
         return Piece(sse=sse(event), frames=1, usage=usage)
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read what follows a stream's last event (normally nothing but the chunked terminator), so that the
+    connection goes back to the pool; an upstream that keeps the stream open after its end is cut."""
+    try:
+        async with asyncio.timeout(DRAIN_AFTER_END_S):
+            async for _ in lines:
+                pass
+    except TimeoutError:
+        log.debug("upstream kept its stream open after the last event; closing the connection")
 
 
 def _valid_choices(choices, delta: bool = False) -> bool:
