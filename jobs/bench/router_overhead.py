@@ -1,99 +1,107 @@
-"""What the router adds: the same requests at a fixed rate, sent straight to a fast upstream and through
-our app (ingress + router + pooled remote provider), one after the other in the same run.
+"""What the router adds: the same open-loop load sent straight to a fast upstream and through our app
+(Serve proxy → ingress: routing, accounting, pooled remote provider), one after the other in one run.
 
-The upstream is the misbehaving server in its well-behaved `echo` mode, run in its own process, so that
-what differs between the two measurements is the router's own cost.
+The upstream is the misbehaving server in its well-behaved `echo` mode, in its own processes, so that what
+differs between the two measurements is the router's own cost. Both loads come from the same client
+processes (`loadgen.open_loop`), which report the rate they achieved and their own lateness: direct must
+hold the rate before the router is blamed for anything.
+
+Besides latency, each row gives the CPU each server part used while the load ran (in cores), and the
+router's CPU per request, which does not depend on how loaded the machine was.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
 
-import httpx
+import psutil
 
 from cluster.local import free_port
-from jobs.bench.loadgen import percentile
+from jobs.bench.loadgen import open_loop
 from jobs.bench.serve_targets import served, wait_ready
 
 
-@dataclass
-class OverheadReport:
-    path: str
-    rate_rps: float
-    requests: int
-    failed: int
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    total_p50_ms: float
-    total_p99_ms: float
-
-
-async def _timed(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float] | None:
-    started = time.perf_counter()
-    first = None
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            return None
-        async for line in response.aiter_lines():
-            if first is None and line.startswith("data: {"):
-                first = time.perf_counter()
-    return (first or time.perf_counter()) - started, time.perf_counter() - started
-
-
-async def open_loop(path: str, base_url: str, model: str, rate: float, count: int, max_tokens: int) -> OverheadReport:
-    """Requests start every 1/rate seconds whatever the answers do (open loop: no coordinated omission)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+def chat_body(model: str, max_tokens: int) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
             "stream": True}
-    url = f"{base_url}/chat/completions"
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as client:
-        for _ in range(5):  # warm the connection pools on both sides
-            await _timed(client, url, body)
-        started = time.perf_counter()
-        tasks = []
-        for i in range(count):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_timed(client, url, body)))
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    good = [r for r in results if isinstance(r, tuple)]
-    ttft = [r[0] * 1000 for r in good]
-    total = [r[1] * 1000 for r in good]
-    return OverheadReport(path=path, rate_rps=rate, requests=count, failed=count - len(good),
-                          ttft_p50_ms=round(percentile(ttft, 50), 2), ttft_p99_ms=round(percentile(ttft, 99), 2),
-                          total_p50_ms=round(percentile(total, 50), 2), total_p99_ms=round(percentile(total, 99), 2))
 
 
-def run(rate: float, count: int, max_tokens: int) -> list[dict]:
+def _parts(app_name: str, upstream: subprocess.Popen) -> dict[str, list[psutil.Process]]:
+    """The processes of each server part: Serve's proxy (or HAProxy and its manager), our ingress replicas,
+    the upstream."""
+    parts: dict[str, list[psutil.Process]] = {"proxy": [], "ingress": [], "upstream": []}
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if command.startswith(("ray::ProxyActor", "ray::HAProxyManager")) or process.name() == "haproxy":
+            parts["proxy"].append(process)
+        elif command.startswith(f"ray::ServeReplica:{app_name}:Ingress"):
+            parts["ingress"].append(process)
+    root = psutil.Process(upstream.pid)
+    parts["upstream"] = [root, *root.children(recursive=True)]
+    return parts
+
+
+def _cpu_seconds(parts: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    seconds = {}
+    for name, processes in parts.items():
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        seconds[name] = total
+    return seconds
+
+
+@contextmanager
+def measuring_cpu(parts: dict[str, list[psutil.Process]], into: dict):
+    before, started = _cpu_seconds(parts), time.monotonic()
+    yield
+    after, wall = _cpu_seconds(parts), time.monotonic() - started
+    into.update({f"{name}_cores": round((after[name] - before[name]) / wall, 2) for name in parts})
+
+
+def run(rate: float, count: int, max_tokens: int, *, clients: int = 1, upstream_workers: int = 1,
+        ingress_replicas: int = 1) -> list[dict]:
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
     port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-m", "jobs.bench.upstream", "--port", str(port), "--name", "bench"])
+    upstream = subprocess.Popen([sys.executable, "-m", "jobs.bench.upstream", "--port", str(port), "--name", "bench",
+                                 "--workers", str(upstream_workers)])
+    rows = []
     try:
         wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout_s=60, process=upstream)
         direct_url = f"http://127.0.0.1:{port}/v1"
-        config = AppConfig.model_validate({"providers": [{
-            "name": "upstream", "base_url": direct_url, "max_concurrency": 256,
-            "models": [{"id": "echo-model", "upstream": "echo"}]}]})
-        with served(build_from_config(config), name="router-bench") as routed_url:
-            reports = [asyncio.run(open_loop("direct", direct_url, "echo", rate, count, max_tokens)),
-                       asyncio.run(open_loop("router", routed_url, "echo-model", rate, count, max_tokens))]
+        config = AppConfig.model_validate({
+            "ingress": {"num_replicas": ingress_replicas},
+            "providers": [{"name": "upstream", "base_url": direct_url, "max_concurrency": 1024,
+                           "models": [{"id": "echo-model", "upstream": "echo"}]}]})
+        app_name = "router-bench"
+        with served(build_from_config(config), name=app_name) as routed_url:
+            parts = _parts(app_name, upstream)
+            for path, url, model in [("direct", direct_url, "echo"), ("router", routed_url, "echo-model")]:
+                cpu: dict = {}
+                with measuring_cpu(parts, cpu):
+                    report = open_loop(path, url, chat_body(model, max_tokens), rate=rate, count=count,
+                                       processes=clients)
+                row = {**report.row(), **cpu}
+                if path == "router":
+                    router_cores = cpu["proxy_cores"] + cpu["ingress_cores"]
+                    row["router_cpu_ms_per_request"] = round(1000 * router_cores / max(report.completed_rps, 1e-9), 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     finally:
         upstream.terminate()
-        upstream.wait(timeout=10)
-    rows = [asdict(r) for r in reports]
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    direct, routed = reports
-    rows.append({"path": "router - direct", "rate_rps": rate, "requests": count, "failed": routed.failed,
-                 "ttft_p50_ms": round(routed.ttft_p50_ms - direct.ttft_p50_ms, 2),
-                 "ttft_p99_ms": round(routed.ttft_p99_ms - direct.ttft_p99_ms, 2),
-                 "total_p50_ms": round(routed.total_p50_ms - direct.total_p50_ms, 2),
-                 "total_p99_ms": round(routed.total_p99_ms - direct.total_p99_ms, 2)})
+        upstream.wait(timeout=30)
+    direct, routed = rows
+    rows.append({"target": "router - direct", "rate_rps": rate, "requests": count, "failed": routed["failed"],
+                 **{key: round(routed[key] - direct[key], 2)
+                    for key in ("ttft_p50_ms", "ttft_p99_ms", "total_p50_ms", "total_p99_ms")}})
     return rows

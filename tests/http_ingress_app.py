@@ -1,0 +1,69 @@
+"""Runs the app in its own Ray instance with the HTTP ingress mode given as argv[1], calls it with the
+official OpenAI client on loopback, and prints what it saw as JSON (for tests/test_http_ingress.py).
+
+The mode is a whole Ray instance's setting (Serve reads it when it starts), so it cannot share the test
+session's cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main(mode: str) -> None:
+    os.environ["TUNESERVE_HTTP_INGRESS"] = mode
+    from cluster.local import free_port, serve_env
+
+    os.environ.update(serve_env())
+    import openai
+    import psutil
+    import ray
+    from ray import serve
+
+    from jobs.bench.upstream import UpstreamServer
+    from serve_app.app import build_from_config
+    from serve_app.config import AppConfig
+
+    def haproxies() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
+
+    seen: dict = {"mode": mode}
+    haproxies_before = haproxies()
+    with UpstreamServer("ingress-test") as upstream:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            config = AppConfig.model_validate({"providers": [{
+                "name": "upstream", "base_url": upstream.url, "models": [{"id": "echo-model", "upstream": "echo"}]}]})
+            serve.run(build_from_config(config), name="ingress-test", route_prefix="/")
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            started = time.monotonic()
+            texts = []
+            for _ in range(20):
+                stream = client.chat.completions.create(
+                    model="echo-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+                texts.append("".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices))
+            seen["streamed"] = texts
+            seen["seconds_for_20"] = round(time.monotonic() - started, 2)
+            whole = client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=3)
+            seen["whole"] = whole.choices[0].message.content
+            try:
+                client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3, n=0)
+            except openai.BadRequestError as exc:
+                seen["bad_request"] = {"status": exc.status_code, "body": exc.body}
+            seen["models"] = [m.id for m in client.models.list().data]
+            seen["haproxy_started"] = bool(haproxies() - haproxies_before)  # by this Ray instance
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    print("RESULT " + json.dumps(seen), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
