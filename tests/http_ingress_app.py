@@ -14,10 +14,9 @@ import time
 
 
 def main(mode: str) -> None:
-    os.environ["TUNESERVE_HTTP_INGRESS"] = mode
     from cluster.local import free_port, serve_env
 
-    os.environ.update(serve_env())
+    os.environ.update(serve_env(mode))  # before Ray starts: its Serve reads the mode once
     import openai
     import psutil
     import ray

@@ -327,8 +327,7 @@ def _router_rows(args: argparse.Namespace, mode: str) -> list[dict]:
     from cluster.local import serve_env
     from jobs.bench.router_overhead import run
 
-    os.environ["TUNESERVE_HTTP_INGRESS"] = mode
-    os.environ.update(serve_env())  # the Ray instance started here, and Serve in it, run in this mode
+    os.environ.update(serve_env(mode))  # the Ray instance started here, and Serve in it, run in this mode
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:

@@ -230,20 +230,21 @@ class Timed:
 
 async def _timed_stream(session: aiohttp.ClientSession, url: str, body: dict, due: float, origin: float) -> Timed:
     sent = time.perf_counter()
+    when = {"lag_s": sent - due, "sent_s": sent - origin}  # failed requests were sent too: they count in the rate
     first = None
     try:
         async with session.post(url, json=body) as response:
             if response.status != 200:
-                return Timed(ok=False, error=f"HTTP {response.status}")
+                return Timed(ok=False, error=f"HTTP {response.status}", **when)
             async for line in response.content:
                 if first is None and line.startswith(b"data: {"):
                     first = time.perf_counter()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return Timed(ok=False, error=f"{type(exc).__name__}: {exc}")
+        return Timed(ok=False, error=f"{type(exc).__name__}: {exc}", **when)
     done = time.perf_counter()
     if first is None:
-        return Timed(ok=False, error="no event streamed")
-    return Timed(ok=True, lag_s=sent - due, sent_s=sent - origin, ttft_s=first - sent, total_s=done - sent)
+        return Timed(ok=False, error="no event streamed", **when)
+    return Timed(ok=True, ttft_s=first - sent, total_s=done - sent, **when)
 
 
 async def _open_loop_share(share: OpenLoopShare) -> tuple[list[Timed], float]:
@@ -319,14 +320,14 @@ def open_loop(target: str, base_url: str, body: dict, *, rate: float, count: int
 
 def summarize_open_loop(target: str, rate: float, results: list[Timed], client_cpu_s: float = 0.0) -> OpenLoopReport:
     good = [r for r in results if r.ok]
-    sends = sorted(r.sent_s for r in good) or [0.0]
+    sends = sorted(r.sent_s for r in results) or [0.0]
     send_span = max(sends[-1] - sends[0], 1e-9)
     answer_span = max((max(r.sent_s + r.total_s for r in good) - sends[0]) if good else 0.0, 1e-9)
     ms = lambda values, q: round(percentile([v * 1000 for v in values], q), 2)  # noqa: E731
     return OpenLoopReport(
-        target=target, rate_rps=rate, sent_rps=round((len(good) - 1) / send_span, 1),
+        target=target, rate_rps=rate, sent_rps=round((len(results) - 1) / send_span, 1),
         completed_rps=round(len(good) / answer_span, 1), requests=len(results), failed=len(results) - len(good),
-        lag_p99_ms=ms([r.lag_s for r in good], 99),
+        lag_p99_ms=ms([r.lag_s for r in results], 99),
         ttft_p50_ms=ms([r.ttft_s for r in good], 50), ttft_p99_ms=ms([r.ttft_s for r in good], 99),
         total_p50_ms=ms([r.total_s for r in good], 50), total_p99_ms=ms([r.total_s for r in good], 99),
         first_error=next((r.error for r in results if not r.ok), ""),
