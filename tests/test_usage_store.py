@@ -154,17 +154,23 @@ def test_store_lost_fails_open_then_comes_back_from_storage(base):
     assert _chat(base, "free").status_code == 200
     # After retry_s the store is created again from the saved totals, and the usage kept meanwhile joins it.
     # The two requests may have gone to different replicas, and each replica reaches the new store on its own
-    # retry: wait until both have sent what they kept, then check that nothing was counted twice.
-    def back() -> bool:
-        usage = _usage(base)
-        keys = usage["keys"]
-        return (usage.get("store") == "ok" and keys.get("free", {}).get("requests", 0) >= before + 1
-                and keys.get("capped", {}).get("requests", 0) >= RPM + 1)
+    # retry (a replica that has not called the store since it was killed learns of the loss only at its next
+    # call, and reports its own unsent usage meanwhile): wait until every replica reports from the new store.
+    replicas_back: set[str] = set()
 
-    _wait_for(back, "the store to come back with the totals", limit_s=RETRY_S + 20)
+    def back():
+        for _ in range(6):
+            usage = _usage(base)
+            keys = usage["keys"]
+            if not (usage.get("store") == "ok" and keys.get("free", {}).get("requests", 0) >= before + 1
+                    and keys.get("capped", {}).get("requests", 0) >= RPM + 1):
+                return None
+            replicas_back.add(usage["replica"])
+        return keys if len(replicas_back) == 2 else None
+
+    keys = _wait_for(back, "both replicas to report the store back with the totals", limit_s=RETRY_S + 20)
     recovered_s = time.monotonic() - lost_at
     assert recovered_s < RETRY_S + 20
-    keys = _usage(base)["keys"]
     assert keys["free"]["requests"] == before + 1, keys  # nothing lost, nothing counted twice
     assert keys["capped"]["requests"] == RPM + 1, keys
 
