@@ -18,6 +18,7 @@ from serve_app.config import (DEFAULT_CONFIG, HEAD_NODE_RESOURCE, AppConfig, Mod
                               load_config)
 from serve_app.engine import CPU_ENGINE_ENV, ENGINE_ENV, EngineDeployment
 from serve_app.ingress import Ingress
+from serve_app.routing import request_router_config
 
 log = logging.getLogger("tuneserve.app")
 INGRESS_HEADROOM = 64  # Serve slots above the guard's limit: /health, /metrics, and the guard's own 503s
@@ -44,6 +45,9 @@ def _engine_app(model: ModelConfig, gpus_present: bool, config: AppConfig) -> Ap
         max_replicas_per_node=model.max_replicas_per_node,
         **model.serve_scaling(),
     )
+    router = request_router_config(model)
+    if router is not None:
+        deployment = deployment.options(request_router_config=router)
     return deployment.bind(model, on_gpu, config.adapter_registry.path, config.ingress.placement == "head")
 
 

@@ -130,6 +130,13 @@ class ModelConfig(_Strict):
     # in the parser's format, so they work with any model. None turns tool calling off for the model.
     tool_parser: str | None = "hermes"
     reasoning_parser: str | None = None
+    # How requests are spread over the model's engine replicas (serve_app/routing.py). prefix: a
+    # conversation (or an x-session-id) keeps to one replica, where vLLM's prefix cache holds its earlier
+    # turns, unless that replica has more than `routing_load_gap` requests beyond the least loaded one.
+    # power_of_two: Serve's default (two random replicas, the less loaded). round_robin: in turn.
+    # Default: prefix when the model can have more than one replica, else Serve's default.
+    routing: Literal["prefix", "power_of_two", "round_robin"] | None = None
+    routing_load_gap: int = Field(8, ge=0)
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "ModelConfig":
@@ -138,6 +145,13 @@ class ModelConfig(_Strict):
         if self.task == "embed" and (self.adapters or self.reasoning_parser or self.live_adapters.enabled):
             raise ValueError(f"model {self.id}: an embedding model takes no adapters or reasoning parser")
         return self
+
+    def effective_routing(self) -> str:
+        if self.routing is not None:
+            return self.routing
+        most = (self.autoscaling_config.max_replicas if self.autoscaling_config is not None
+                else self.num_replicas or 1)
+        return "prefix" if most > 1 else "power_of_two"
 
     def serve_scaling(self) -> dict[str, Any]:
         """The deployment options Ray Serve takes for scaling."""

@@ -186,6 +186,10 @@ class EngineDeployment:
         if model.reasoning_parser:
             engine_kwargs["reasoning_parser"] = model.reasoning_parser
         lora_modules = [vllm_adapter.lora_module(a.id, str(adapter_folder(a.path))) for a in model.adapters]
+        if model.task == "generate":
+            # On by default in both releases on GPU and on the CPU backend (but for MLA models on CPU, which
+            # vLLM turns it off for); said here so that prefix routing (serve_app/routing.py) can count on it.
+            engine_kwargs["enable_prefix_caching"] = True
         engine_kwargs.update(lora_settings(model))
         engine_kwargs.update(tp_kwargs)
         engine_kwargs.update(model.engine_kwargs)  # the user's own settings win
@@ -210,8 +214,9 @@ class EngineDeployment:
         self.adapter_lock = asyncio.Lock()  # one adapter load or unload at a time: vLLM's names are per id
         if model.live_adapters.enabled and model.task == "generate":
             self._start_live_adapters(registry_path, state_on_head)
-        log.info("engine for %s ready in %.1fs (%s, vLLM %s, tasks %s)", model.id, time.monotonic() - started,
-                 engine_kwargs["dtype"], vllm_adapter.VERSION, ",".join(self.tasks))
+        log.info("engine for %s ready in %.1fs (%s, vLLM %s, tasks %s, prefix caching %s)", model.id,
+                 time.monotonic() - started, engine_kwargs["dtype"], vllm_adapter.VERSION, ",".join(self.tasks),
+                 vllm_adapter.prefix_caching(self.engine))
 
     # -- the provider contract: an OpenAI body in, OpenAI objects or SSE frames out ------------------------
 

@@ -40,6 +40,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 TIMEOUT_HEADER = "X-Tuneserve-Timeout"  # a request's own deadline, in seconds
+SESSION_HEADER = "X-Session-Id"  # a conversation's id: its requests keep to one engine replica (routing.py)
+SESSION_ID_MAX_CHARS = 256
 
 
 class RequestGuard:
@@ -257,7 +259,11 @@ class Ingress:
         except ValidationError as exc:
             raise format_validation_error(exc.errors()) from None
         timeout_s = self._timeout(request.headers.get(TIMEOUT_HEADER))
-        return await self.serving.handle(endpoint, raw, body, request.state.api_key, timeout_s)
+        session_id = request.headers.get(SESSION_HEADER, "")
+        if len(session_id) > SESSION_ID_MAX_CHARS:
+            raise APIError(400, f"Invalid {SESSION_HEADER} header: at most {SESSION_ID_MAX_CHARS} characters.",
+                           param=SESSION_HEADER, code="invalid_session_id")
+        return await self.serving.handle(endpoint, raw, body, request.state.api_key, timeout_s, session_id)
 
     def _timeout(self, value: str | None) -> float | None:
         if value is None:

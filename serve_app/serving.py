@@ -58,9 +58,11 @@ class OpenAIServing:
         self.local_attempt_timeout_s = local_attempt_timeout_s  # to a local engine's first piece
         self.keepalive_s = keepalive_s  # SSE comments while a stream waits for its first token; 0: none
 
-    async def handle(self, endpoint: str, raw: dict, body, key: ApiKey | None, timeout_s: float | None = None):
+    async def handle(self, endpoint: str, raw: dict, body, key: ApiKey | None, timeout_s: float | None = None,
+                     session_id: str = ""):
         """Serve one request. `raw` is the client's JSON as sent; `body` its validated form; `timeout_s` the
-        request's own deadline (default: the configured one)."""
+        request's own deadline (default: the configured one); `session_id` the client's session, if it named
+        one (local engines route on it)."""
         requested = body.requested_models()
         models = self.router.expand(requested)  # unknown models are a 404 before any limit is spent
         self._check_task(endpoint, models)
@@ -78,6 +80,7 @@ class OpenAIServing:
         if body.stream and endpoint in ("chat", "completions"):  # usage is needed for accounting
             forwarded["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
         call = _Call(endpoint, body.model, request_id, engine_id, started, key, wants_usage, reservation, deadline)
+        call.session_id = session_id
         walk = self._walk(call, plan, forwarded)
         if body.stream and self.keepalive_s:
             # The walk runs on its own, so that a first token slower than keepalive_s can be waited for behind
@@ -201,7 +204,8 @@ class OpenAIServing:
                     break
                 body = {**forwarded, "model": candidate.upstream}
                 stream = self.providers[candidate.provider].stream(
-                    ProviderCall(call.endpoint, body, call.engine_id, candidate.model, call.wants_usage))
+                    ProviderCall(call.endpoint, body, call.engine_id, candidate.model, call.wants_usage,
+                                 call.session_id))
                 limit = call.deadline - loop.time()
                 if candidate.provider == LOCAL_PROVIDER:
                     limit = min(limit, self.local_attempt_timeout_s)
@@ -334,6 +338,7 @@ class _Call:
         self.key = key
         self.wants_usage = wants_usage
         self.engine_id = engine_id  # the id the provider gets; vLLM prefixes it as OpenAI does
+        self.session_id = ""
         self.reservation = reservation  # this request's tokens-per-minute reservation, settled at the end
         self.deadline = deadline  # on the event loop's clock
         self.timeout_s = deadline - asyncio.get_running_loop().time()

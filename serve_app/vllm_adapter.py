@@ -46,6 +46,13 @@ def ray_stat_loggers() -> list:
     return [RayPrometheusStatLogger]
 
 
+def prefix_caching(engine) -> str:
+    """"on" or "off" as the engine runs (vLLM may turn it off for a model or backend), "unknown" if not said."""
+    cache_config = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+    enabled = getattr(cache_config, "enable_prefix_caching", None)
+    return "unknown" if enabled is None else "on" if enabled else "off"
+
+
 def lora_module(name: str, path: str):
     from vllm.entrypoints.openai.models.protocol import LoRAModulePath
 

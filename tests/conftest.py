@@ -225,6 +225,9 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
             # and adapters registered at runtime (tests/test_live_adapters.py); one held at a time, so that
             # two adapters take turns through eviction and reload
             "live_adapters": {"enabled": True, "cache_size": 1},
+            # one replica, but the prefix router all the same (the default from two replicas up): every
+            # serving test, static and live adapters among them, goes through it
+            "routing": "prefix",
         }, {
             # the same weights served as an embedding model, through vLLM's pooling runner; no CPU reserved,
             # so that the fine-tune tests after the serving tests still find their 2 CPUs

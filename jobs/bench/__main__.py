@@ -8,6 +8,7 @@
     python -m jobs.bench scaling --shape llama-1.8b --setups lora-zero2,full-zero3 --workers 1,2
     python -m jobs.bench eval --shape llama-1.8b --runs dp1,dp2,tp2       (GSM8K evaluate job, dummy weights)
     python -m jobs.bench chaos --scenarios upstream,disconnects,ingress,engine,soak --soak-requests 10000
+    python -m jobs.bench prefix --routings power_of_two,round_robin,prefix --replicas 2 --sessions 16
 """
 
 from __future__ import annotations
@@ -252,11 +253,35 @@ def main(argv: list[str] | None = None) -> None:
     chaos.add_argument("--requests", type=int, default=40, help="requests per scenario")
     chaos.add_argument("--soak-requests", type=int, default=10_000, help="requests per soak (auth off, then on)")
     chaos.add_argument("--out", default=None, help="write results as JSON here")
+    prefix = sub.add_parser("prefix", help="multi-turn chat sessions under Serve's router, round-robin and "
+                                           "prefix routing, on the same number of engine replicas")
+    prefix.add_argument("--routings", default="power_of_two,round_robin,prefix",
+                        help="comma list of power_of_two, round_robin, prefix (each on fresh engines)")
+    prefix.add_argument("--replicas", type=int, default=2, help="engine replicas")
+    prefix.add_argument("--gpus-per-replica", type=float, default=1.0,
+                        help="on GPU: 0.5 puts two replicas on one GPU (set gpu_memory_utilization to match "
+                             "with --engine-kwargs)")
+    prefix.add_argument("--model", default="default", help="HF folder ('default': cached SmolLM2)")
+    prefix.add_argument("--model-id", default="bench-model")
+    prefix.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    prefix.add_argument("--max-model-len", type=int, default=4096)
+    prefix.add_argument("--max-num-seqs", type=int, default=64)
+    prefix.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    prefix.add_argument("--engine-kwargs", default=None, help="JSON of extra vLLM engine arguments")
+    prefix.add_argument("--sessions", type=int, default=16)
+    prefix.add_argument("--turns", type=int, default=4)
+    prefix.add_argument("--system-variants", type=int, default=4)
+    prefix.add_argument("--system-words", type=int, default=750, help="per system prompt (~1,000 tokens)")
+    prefix.add_argument("--user-words", type=int, default=38, help="per user turn (~50 tokens)")
+    prefix.add_argument("--max-tokens", type=int, default=32, help="output tokens per turn (ignore_eos)")
+    prefix.add_argument("--concurrency", type=int, default=4, help="sessions at a time")
+    prefix.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     commands = {"serve": serve_benchmark, "router": router_benchmark, "finetune": finetune_benchmark,
-                "scaling": scaling_benchmark, "eval": eval_benchmark, "chaos": chaos_benchmark}
+                "scaling": scaling_benchmark, "eval": eval_benchmark, "chaos": chaos_benchmark,
+                "prefix": prefix_benchmark}
     commands[args.command](args)
 
 
@@ -310,6 +335,48 @@ def router_benchmark(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
                                               "cpus": os.cpu_count(), "args": vars(args), "results": rows},
                                              indent=1))
+
+
+def prefix_benchmark(args: argparse.Namespace) -> None:
+    import ray
+
+    from cluster.model_cache import resolve_model_path
+    from cluster.resources import cluster_has_gpus
+    from jobs.bench.prefix_routing import Workload, compare, measure
+    from jobs.bench.serve_targets import served, tuneserve_config
+    from serve_app.app import build_from_config
+    from serve_app.config import AppConfig
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    on_gpu = cluster_has_gpus()
+    spec = EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
+                      dtype=args.dtype or ("bfloat16" if on_gpu else "float32"), max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, on_gpu=on_gpu,
+                      extra=json.loads(args.engine_kwargs) if args.engine_kwargs else None)
+    work = Workload(sessions=args.sessions, turns=args.turns, system_variants=args.system_variants,
+                    system_words=args.system_words, user_words=args.user_words, max_tokens=args.max_tokens,
+                    concurrency=args.concurrency)
+    reports = []
+    for routing in args.routings.split(","):
+        config = tuneserve_config(spec, replicas=args.replicas)
+        model = config["models"][0]
+        model["routing"] = routing
+        if on_gpu:
+            model["resources"]["num_gpus"] = args.gpus_per_replica
+        started = time.monotonic()
+        print(f"== {routing}: starting {args.replicas} engine replicas ...", flush=True)
+        with served(build_from_config(AppConfig.model_validate(config))) as url:
+            print(f"== {routing}: ready in {time.monotonic() - started:.0f} s", flush=True)
+            reports.append(measure(routing, url, spec.model_id, work))
+        print(json.dumps(reports[-1].row()), flush=True)
+    rows = [r.row() for r in reports]
+    print(markdown_table(rows, ["routing", "requests", "failed", "ttft_p50_ms", "ttft_p99_ms",
+                                "later_turns_ttft_p50_ms", "output_tok_s", "engine_prefix_hit_rate", "wall_s"]))
+    comparison = compare(reports)
+    if comparison:
+        print(json.dumps(comparison))
+    write_results(args, rows, workload=vars(work), comparison=comparison, replicas=args.replicas)
 
 
 def _replace_option(argv: list[str], option: str, value: str) -> list[str]:

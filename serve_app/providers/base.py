@@ -26,6 +26,7 @@ class ProviderCall:
     request_id: str
     model: str  # the model id the client sees in responses
     client_wants_usage: bool  # whether the client itself asked for the usage chunk of a stream
+    session_id: str = ""  # the client's X-Session-Id: local engines keep a session to one replica
 
 
 @dataclass(slots=True)

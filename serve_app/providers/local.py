@@ -26,11 +26,12 @@ class LocalEngineProvider:
 
     async def stream(self, call: ProviderCall) -> AsyncIterator[Piece]:
         live = self.live.get(call.body["model"])
+        # The session (if the client named one) keeps to one engine replica (serve_app/routing.py).
         if live is not None:
             handle, multiplexed_id = live
-            handle = handle.options(stream=True, multiplexed_model_id=multiplexed_id)
+            handle = handle.options(stream=True, multiplexed_model_id=multiplexed_id, session_id=call.session_id)
         else:
-            handle = self._handles[call.body["model"]].options(stream=True)
+            handle = self._handles[call.body["model"]].options(stream=True, session_id=call.session_id)
         responses = handle.serve.remote(call.endpoint, call.body, call.request_id, call.client_wants_usage)
         done = False
         try:
