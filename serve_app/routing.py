@@ -173,11 +173,16 @@ class _Candidates(MultiplexMixin, RequestRouter):
 
     def _candidates(self, candidate_replicas: list[RunningReplica],
                     pending_request: PendingRequest | None) -> list[RunningReplica]:
-        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+        if pending_request is None:
+            return candidate_replicas
+        if pending_request.metadata.multiplexed_model_id:
             ids = self.apply_multiplex_routing(pending_request=pending_request)
             narrowed = [r for r in candidate_replicas if r.replica_id in ids]
             if narrowed:
                 return narrowed
+        # Every replica is offered at once: when all of them refuse (full), Serve should back off before it
+        # asks again, not probe them in a tight loop (Serve's own routers say so the same way).
+        pending_request.routing_context.should_backoff = True
         return candidate_replicas
 
 

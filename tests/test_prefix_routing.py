@@ -123,6 +123,16 @@ def test_routing_config():
         ModelConfig(id="m", routing_load_gap=-1)
 
 
+def test_cpu_engine_replicas_get_their_own_cores():
+    from serve_app.engine import cpu_cores_for_replica
+
+    assert cpu_cores_for_replica(1, 1, 0, [0, 1]) is None  # alone: every core, vLLM's own binding
+    assert [cpu_cores_for_replica(1, 2, rank, [0, 1]) for rank in (0, 1)] == ["0", "1"]
+    assert [cpu_cores_for_replica(2, 3, rank, [0, 1, 2, 3, 4, 5]) for rank in (0, 1, 2)] == ["0,1", "2,3", "4,5"]
+    assert cpu_cores_for_replica(1, 3, 2, [4, 5]) == "4"  # more replicas than cores: they share, in turn
+    assert cpu_cores_for_replica(0, 2, 1, [0, 1]) == "1"  # num_cpus 0 still runs on a core
+
+
 # -- the router, on a real deployment ------------------------------------------------------------------------------
 
 def test_a_session_keeps_to_one_replica_and_sessions_spread(prefix_handle):

@@ -123,7 +123,8 @@ def scale_up(label: str, base_url: str, model_id: str, level: int, args: argpars
     return reports
 
 
-def serve_benchmark(args: argparse.Namespace) -> None:
+def engine_spec_in_local_ray(args: argparse.Namespace) -> EngineSpec:
+    """A Ray instance of this machine's own, and the engine arguments the command line gives."""
     import ray
 
     from cluster.model_cache import resolve_model_path
@@ -132,10 +133,15 @@ def serve_benchmark(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     on_gpu = cluster_has_gpus()
-    spec = EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
+    return EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
                       dtype=args.dtype or ("bfloat16" if on_gpu else "float32"), max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, on_gpu=on_gpu,
                       extra=json.loads(args.engine_kwargs) if args.engine_kwargs else None)
+
+
+def serve_benchmark(args: argparse.Namespace) -> None:
+    spec = engine_spec_in_local_ray(args)
+    on_gpu = spec.on_gpu
     levels = [int(c) for c in args.concurrency.split(",")]
     reports: list[LoadReport] = []
     for name in args.targets.split(","):
@@ -160,6 +166,8 @@ def serve_benchmark(args: argparse.Namespace) -> None:
                 if args.out:  # written as it goes: a long run cut short still leaves its figures
                     with Path(args.out).with_suffix(".partial.jsonl").open("a") as partial:
                         partial.writelines(json.dumps(report.row()) + "\n" for report in runs)
+    import ray
+
     ray.shutdown()
 
     rows = [r.row() for r in reports]
@@ -256,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     prefix = sub.add_parser("prefix", help="multi-turn chat sessions under Serve's router, round-robin and "
                                            "prefix routing, on the same number of engine replicas")
     prefix.add_argument("--routings", default="power_of_two,round_robin,prefix",
-                        help="comma list of power_of_two, round_robin, prefix (each on fresh engines)")
+                        help="comma list of power_of_two, round_robin, prefix, prefix:N (load gap N), each on "
+                             "fresh engines")
     prefix.add_argument("--replicas", type=int, default=2, help="engine replicas")
     prefix.add_argument("--gpus-per-replica", type=float, default=1.0,
                         help="on GPU: 0.5 puts two replicas on one GPU (set gpu_memory_utilization to match "
@@ -338,22 +347,13 @@ def router_benchmark(args: argparse.Namespace) -> None:
 
 
 def prefix_benchmark(args: argparse.Namespace) -> None:
-    import ray
-
-    from cluster.model_cache import resolve_model_path
-    from cluster.resources import cluster_has_gpus
     from jobs.bench.prefix_routing import Workload, compare, measure
     from jobs.bench.serve_targets import served, tuneserve_config
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    on_gpu = cluster_has_gpus()
-    spec = EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
-                      dtype=args.dtype or ("bfloat16" if on_gpu else "float32"), max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, on_gpu=on_gpu,
-                      extra=json.loads(args.engine_kwargs) if args.engine_kwargs else None)
+    spec = engine_spec_in_local_ray(args)
+    on_gpu = spec.on_gpu
     work = Workload(sessions=args.sessions, turns=args.turns, system_variants=args.system_variants,
                     system_words=args.system_words, user_words=args.user_words, max_tokens=args.max_tokens,
                     concurrency=args.concurrency)
@@ -361,7 +361,9 @@ def prefix_benchmark(args: argparse.Namespace) -> None:
     for routing in args.routings.split(","):
         config = tuneserve_config(spec, replicas=args.replicas)
         model = config["models"][0]
-        model["routing"] = routing
+        model["routing"], _, gap = routing.partition(":")  # prefix:N: prefix routing with load gap N
+        if gap:
+            model["routing_load_gap"] = int(gap)
         if on_gpu:
             model["resources"]["num_gpus"] = args.gpus_per_replica
         started = time.monotonic()
