@@ -32,8 +32,8 @@ class Workload:
     sessions: int = 16
     turns: int = 4
     system_variants: int = 4
-    system_words: int = 750  # ~1,000 tokens
-    user_words: int = 38  # ~50 tokens
+    system_words: int = 750  # 761 tokens with SmolLM2's tokenizer
+    user_words: int = 38  # 46 tokens
     max_tokens: int = 32
     concurrency: int = 4
     seed: int = 0
