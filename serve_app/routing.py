@@ -15,9 +15,9 @@ call per request. What keying on the opening gives up: requests that share a lon
 (few-shot prompts with different questions in one message) are spread, not gathered; each engine prefills
 that shared part once and then has it cached itself.
 
-Load guard: a replica with more than `routing_load_gap` requests in flight beyond the least loaded one (in Serve's
-queue-length cache) is skipped for the next replica in the key's order, and a full one (max_ongoing_requests)
-is skipped by Serve itself. When load evens out the key goes home again.
+Load guard: a replica with more than `routing_load_gap` requests in flight beyond the least loaded one (the higher
+of Serve's queue-length cache and this router's own count) is skipped for the next replica in the key's order,
+and a full one (max_ongoing_requests) is skipped by Serve itself. When load evens out the key goes home again.
 
 **round_robin**: replicas in turn. **power_of_two**: Serve's own router (no request_router_config).
 
@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections import Counter, OrderedDict
 from typing import Any
 
 from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
-
-log = logging.getLogger("tuneserve.routing")
 
 KEY_CHARS = 16_384  # at most this much of a prompt is hashed per request
 RAW_PROMPT_KEY_CHARS = 1_024  # a raw prompt has no turns: its start (~256 tokens) stands for the conversation
@@ -223,10 +220,15 @@ class PrefixAffinityRouter(_Candidates):
         self._forget_unrouted()
         return [[r] for r in ranked]
 
+    def _uncount(self, replica_id: ReplicaID) -> None:
+        self._in_flight[replica_id] -= 1
+        if self._in_flight[replica_id] <= 0:
+            del self._in_flight[replica_id]
+
     def _release_choice(self, request_id: str) -> tuple | None:
         chosen = self._chosen.pop(request_id, None)
         if chosen is not None:
-            self._in_flight[chosen[2]] -= 1
+            self._uncount(chosen[2])
         return chosen
 
     def _forget_unrouted(self) -> None:
@@ -255,9 +257,7 @@ class PrefixAffinityRouter(_Candidates):
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self._routed.pop(internal_request_id, None) is not None:
-            self._in_flight[replica_id] -= 1
-            if self._in_flight[replica_id] <= 0:
-                del self._in_flight[replica_id]
+            self._uncount(replica_id)
 
 
 class RoundRobinRouter(_Candidates):

@@ -79,8 +79,8 @@ class OpenAIServing:
         forwarded = {k: v for k, v in raw.items() if k not in ROUTING_FIELDS}
         if body.stream and endpoint in ("chat", "completions"):  # usage is needed for accounting
             forwarded["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
-        call = _Call(endpoint, body.model, request_id, engine_id, started, key, wants_usage, reservation, deadline)
-        call.session_id = session_id
+        call = _Call(endpoint, body.model, request_id, engine_id, started, key, wants_usage, reservation, deadline,
+                     session_id)
         walk = self._walk(call, plan, forwarded)
         if body.stream and self.keepalive_s:
             # The walk runs on its own, so that a first token slower than keepalive_s can be waited for behind
@@ -330,7 +330,8 @@ class _Call:
     """Book-keeping of one request: ids, attempts, token counts, and what is recorded at its end."""
 
     def __init__(self, endpoint: str, model: str, request_id: str, engine_id: str, started: float,
-                 key: ApiKey | None, wants_usage: bool, reservation: list | None, deadline: float):
+                 key: ApiKey | None, wants_usage: bool, reservation: list | None, deadline: float,
+                 session_id: str = ""):
         self.endpoint = endpoint
         self.requested_model = model
         self.id = request_id
@@ -338,7 +339,7 @@ class _Call:
         self.key = key
         self.wants_usage = wants_usage
         self.engine_id = engine_id  # the id the provider gets; vLLM prefixes it as OpenAI does
-        self.session_id = ""
+        self.session_id = session_id  # the client's X-Session-Id, for local engines' routing
         self.reservation = reservation  # this request's tokens-per-minute reservation, settled at the end
         self.deadline = deadline  # on the event loop's clock
         self.timeout_s = deadline - asyncio.get_running_loop().time()
