@@ -30,6 +30,7 @@ def _engine_app(model: ModelConfig, gpus_present: bool, config: AppConfig) -> Ap
     if num_gpus == "auto":
         num_gpus = model.tensor_parallel_size if gpus_present else 0
     on_gpu = num_gpus > 0
+    check_quantization(model, on_gpu)
     env = {**serve_env(), **ENGINE_ENV, **({} if on_gpu else CPU_ENGINE_ENV)}
     actor_options = {"num_cpus": model.resources.num_cpus, "num_gpus": num_gpus,
                      "runtime_env": {"env_vars": env}}
@@ -49,6 +50,17 @@ def _engine_app(model: ModelConfig, gpus_present: bool, config: AppConfig) -> Ap
     if router is not None:
         deployment = deployment.options(request_router_config=router)
     return deployment.bind(model, on_gpu, config.adapter_registry.path, config.ingress.placement == "head")
+
+
+def check_quantization(model: ModelConfig, on_gpu: bool) -> None:
+    """The model's quantization against its folder (where readable from here) and the machine its engine
+    runs on: refused now, with the reason, rather than at each replica's start."""
+    from serve_app import quantization
+
+    folder_config = {} if model.path == "default" else quantization.read_folder_config(model.path)
+    machine = quantization.GPU_MACHINE if on_gpu else quantization.CPU_MACHINE
+    quantization.resolve(model.id, model.quantization, quantization.folder_method(folder_config or {}), machine,
+                         model.engine_kwargs, folder_known=folder_config is not None)
 
 
 def check_storage_paths(config: AppConfig) -> None:

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.quantization import Quantization
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -137,6 +139,10 @@ class ModelConfig(_Strict):
     # Default: prefix when the model can have more than one replica, else Serve's default.
     routing: Literal["prefix", "power_of_two", "round_robin"] | None = None
     routing_load_gap: int = Field(8, ge=0)
+    # What the folder's weights are, or what the engine does to them as it loads them
+    # (serve_app/quantization.py): auto reads the folder's config.json. A method the engine's machine
+    # cannot run is refused when the app is built, naming the model, the method and the machine.
+    quantization: Quantization = "auto"
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "ModelConfig":
@@ -144,6 +150,8 @@ class ModelConfig(_Strict):
             raise ValueError(f"model {self.id}: set num_replicas or autoscaling_config, not both")
         if self.task == "embed" and (self.adapters or self.reasoning_parser or self.live_adapters.enabled):
             raise ValueError(f"model {self.id}: an embedding model takes no adapters or reasoning parser")
+        if "quantization" in self.engine_kwargs and self.quantization != "auto":
+            raise ValueError(f"model {self.id}: set quantization or engine_kwargs.quantization, not both")
         return self
 
     def effective_routing(self) -> str:

@@ -87,11 +87,13 @@ def _bind_cpu_engine(model: ModelConfig) -> None:
                  context.world_size, cores)
 
 
-def resolve_dtype(model: ModelConfig, on_gpu: bool) -> str:
-    """float32 on CPU: bf16 there is slow and only correct in eager mode. bfloat16 on GPUs."""
+def resolve_dtype(model: ModelConfig, on_gpu: bool, quantized: bool = False) -> str:
+    """float32 on CPU: bf16 there is slow and only correct in eager mode. bfloat16 on GPUs. Quantized
+    weights on CPU: bfloat16, since vLLM-CPU's quantized kernels take bf16 activations (its int8 GEMM
+    refuses float32: "int8_scaled_mm_with_quant: expect A to be bfloat16 or half")."""
     if model.dtype != "auto":
         return model.dtype
-    return "bfloat16" if on_gpu else "float32"
+    return "bfloat16" if on_gpu or quantized else "float32"
 
 
 def adapter_folder(path: str) -> Path:
@@ -198,15 +200,17 @@ class EngineDeployment:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from cluster.model_cache import resolve_model_path
-        from serve_app import vllm_adapter
+        from serve_app import quantization, vllm_adapter
 
         self.config = model
         self.path = resolve_model_path(model.path)
         self.stream_interval_s = model.stream_interval_ms / 1000.0
+        quantized = model.quantization not in ("auto", "none") or bool(
+            quantization.folder_method(quantization.read_folder_config(self.path) or {}))
         engine_kwargs: dict[str, Any] = {
             "model": self.path,
             "served_model_name": [model.id],
-            "dtype": resolve_dtype(model, on_gpu),
+            "dtype": resolve_dtype(model, on_gpu, quantized),
             "max_model_len": model.max_model_len,
             "tensor_parallel_size": model.tensor_parallel_size,
             "enable_log_requests": False,
@@ -221,6 +225,9 @@ class EngineDeployment:
             # vLLM turns it off for); said here so that prefix routing (serve_app/routing.py) can count on it.
             engine_kwargs["enable_prefix_caching"] = True
         engine_kwargs.update(lora_settings(model))
+        engine_kwargs.update(quantization.engine_arguments(model.quantization))
+        if not on_gpu and engine_kwargs["dtype"] == "bfloat16":
+            engine_kwargs["enforce_eager"] = True  # vLLM-CPU runs bf16 correctly only in eager mode
         engine_kwargs.update(tp_kwargs)
         engine_kwargs.update(model.engine_kwargs)  # the user's own settings win
         engine_kwargs["structured_outputs_config"] = vllm_adapter.structured_outputs_config(

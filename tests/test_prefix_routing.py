@@ -159,7 +159,14 @@ def test_a_loaded_replica_is_avoided_even_with_a_match(prefix_handle):
     # held for 3 s, the 12 requests were in flight together: none took more than its load gap (plus one, as
     # routing tasks may read the queue lengths before the other's request is counted)
     assert max(counts.values()) - min(counts.values()) <= LOAD_GAP + 2, counts
-    assert _ask(prefix_handle, _turns(7, 2)[1]) == home  # load even again: home
+    # Load even again: home. Serve's queue-length cache and the router's own count both trail the finished
+    # requests by a moment, so the next turn may still spill; within a few seconds it must be home.
+    answered = [_ask(prefix_handle, _turns(7, 2)[1])]
+    deadline = time.monotonic() + 10
+    while answered[-1] != home and time.monotonic() < deadline:
+        time.sleep(0.5)
+        answered.append(_ask(prefix_handle, _turns(7, 2)[1]))
+    assert answered[-1] == home, (home, answered)
 
 
 def test_a_removed_replica_moves_only_its_sessions(prefix_handle):

@@ -1,0 +1,155 @@
+"""What did quantizing (or any change to the weights) cost? Two models side by side, each on its own vLLM
+engine, measured as they are served:
+
+- GSM8K answer perplexity: exp(mean NLL) of the reference solutions' tokens given each question in the chat
+  template, from vLLM's prompt logprobs (one prefill per answer, no generation);
+- greedy agreement on held-out general prompts: exact, same first five words;
+- GSM8K accuracy (greedy, `####` answers), with --accuracy, for models that can do arithmetic.
+
+    python -m jobs.evaluate.quality --base default --candidate runs/quantized/smollm2-w8a8
+
+Prints one JSON line per model and the change; --out writes the whole result (storage paths work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("tuneserve.quality")
+
+
+def answer_spans(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
+    """The chat-rendered (question, answer) token ids and where the answer's tokens start."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}], tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    start = 0
+    while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
+        start += 1
+    return full_ids, start
+
+
+class QualityEngine:
+    """One offline vLLM engine (a Ray actor): prompt logprobs and greedy answers for one model."""
+
+    def __init__(self, model: str, on_gpu: bool, max_model_len: int):
+        from cluster.model_cache import resolve_model_path
+        from jobs.evaluate.runners import EngineReplica
+
+        folder = resolve_model_path(model)  # on this actor's node
+        config = json.loads((Path(folder) / "config.json").read_text())
+        # As the app serves it: bf16 on GPUs; fp32 on CPU, but bf16 for quantized weights, whose CPU kernels
+        # take bf16 activations (serve_app/engine.py resolve_dtype); CPU bf16 needs eager mode.
+        dtype = "bfloat16" if on_gpu or config.get("quantization_config") else "float32"
+        self.dtype = dtype
+        self.engine = EngineReplica(folder, dtype, max_model_len, 1, {"enforce_eager": not on_gpu}, None)
+
+    def answer_nll(self, pairs: list[tuple[str, str]]) -> tuple[float, int]:
+        """Summed negative log-likelihood of each answer's tokens, and how many tokens."""
+        from vllm import SamplingParams
+
+        tokenizer = self.engine.tokenizer
+        spans = [answer_spans(tokenizer, q, a) for q, a in pairs]
+        outputs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids, _ in spans],
+                                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True)
+        total, count = 0.0, 0
+        for (ids, start), out in zip(spans, outputs):
+            for position in range(max(start, 1), len(ids)):
+                total -= out.prompt_logprobs[position][ids[position]].logprob
+                count += 1
+        return total, count
+
+    def dtype_used(self) -> str:
+        return self.dtype
+
+    def answers(self, prompts: list[str], max_tokens: int) -> list[str]:
+        settings = {"temperature": 0.0, "max_tokens": max_tokens, "seed": None}
+        return [text.strip() for text, _ in self.engine.generate([[{"role": "user", "content": p}]
+                                                                  for p in prompts], settings)]
+
+
+def measure(model: str, gsm8k: list[dict], general: list[str], accuracy: bool, max_tokens: int) -> dict:
+    import ray
+
+    from cluster.resources import cluster_has_gpus
+    from jobs.evaluate.gsm8k import INSTRUCTION, Example, reference_answer, score
+    from serve_app.engine import CPU_ENGINE_ENV
+
+    on_gpu = cluster_has_gpus()
+    options = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {
+        "num_cpus": 1, "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)}}
+    started = time.perf_counter()
+    engine = ray.remote(QualityEngine).options(**options).remote(model, on_gpu, 2048)
+    try:
+        nll, tokens = ray.get(engine.answer_nll.remote([(r["question"], r["answer"]) for r in gsm8k]))
+        replies = ray.get(engine.answers.remote(general, max_tokens))
+        row = {"model": model, "dtype": ray.get(engine.dtype_used.remote()), "gsm8k_answer_ppl": round(math.exp(nll / tokens), 4), "answer_tokens": tokens,
+               "general_answers": replies}
+        if accuracy:
+            prompts = [f"{r['question']}\n{INSTRUCTION}" for r in gsm8k]
+            solved = ray.get(engine.answers.remote(prompts, 512))
+            scores = [score(Example(i, r["question"], reference_answer(r["answer"])), s)
+                      for i, (r, s) in enumerate(zip(gsm8k, solved))]
+            row["gsm8k_accuracy"] = round(sum(s["flexible_correct"] for s in scores) / len(scores), 4)
+    finally:
+        ray.kill(engine)
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def compare(base: dict, candidate: dict) -> dict:
+    from jobs.evaluate.assistant import first_words, normalise
+
+    pairs = list(zip(base["general_answers"], candidate["general_answers"]))
+    change = {"ppl_change": round(candidate["gsm8k_answer_ppl"] / base["gsm8k_answer_ppl"] - 1, 4),
+              "general_exact": round(sum(normalise(a) == normalise(b) for a, b in pairs) / len(pairs), 4),
+              "general_same_start": round(sum(first_words(a) == first_words(b) for a, b in pairs) / len(pairs), 4)}
+    if "gsm8k_accuracy" in base:
+        change["accuracy_change"] = round(candidate["gsm8k_accuracy"] - base["gsm8k_accuracy"], 4)
+    return change
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="default", help="reference model: HF folder, storage URI or 'default'")
+    parser.add_argument("--candidate", required=True, help="the model to judge against it")
+    parser.add_argument("--limit", type=int, default=200, help="GSM8K test answers for perplexity/accuracy")
+    parser.add_argument("--accuracy", action="store_true", help="also solve the GSM8K questions (slow on CPU)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="per answer to a general prompt")
+    parser.add_argument("--out", default=None, help="write the result as JSON here (storage paths work)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from cluster.local import connect
+    from cluster.storage import locate
+    from jobs.data.identity import GENERAL_HELDOUT
+    from jobs.evaluate.gsm8k import DEFAULT_GSM8K
+
+    if args.limit < 1:
+        print("error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    gsm8k = [json.loads(line) for line in DEFAULT_GSM8K.read_text().splitlines() if line.strip()][:args.limit]
+    connect(logging_level=logging.WARNING)
+    rows = {name: measure(path, gsm8k, GENERAL_HELDOUT, args.accuracy, args.max_tokens)
+            for name, path in (("base", args.base), ("candidate", args.candidate))}
+    result = {"gsm8k_answers": len(gsm8k), "general_prompts": len(GENERAL_HELDOUT), **compare(rows["base"],
+              rows["candidate"]), "rows": rows}
+    for name, row in rows.items():
+        print(json.dumps({"role": name, **{k: v for k, v in row.items() if k != "general_answers"}}))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+    if args.out:
+        locate(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
