@@ -189,7 +189,7 @@ def quantize(spec: QuantizeSpec) -> dict:
 
 
 def run(model: str, method: str, calibration: str | None, samples: int, out: str, max_length: int = 512,
-        device: str = "cpu", group_size: int = 0) -> dict:
+        device: str = "cpu", group_size: int = 0, num_cpus: float = 1) -> dict:
     """Check everything, then quantize in a Ray task of the quantizer's environment (on a GPU for cuda)."""
     import ray
 
@@ -205,7 +205,7 @@ def run(model: str, method: str, calibration: str | None, samples: int, out: str
     spec = QuantizeSpec(model=str(Path(model).resolve()) if local_folder else model, method=method,
                         calibration=conversations, out=out, max_length=max_length,
                         device=device, group_size=group_size)
-    options = {"runtime_env": QUANTIZER_ENV, "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
+    options = {"runtime_env": QUANTIZER_ENV, "num_gpus": 1 if device == "cuda" else 0, "num_cpus": num_cpus}
     if local_folder:  # a folder of this machine only: quantize here
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
