@@ -36,6 +36,12 @@ def test_good_inputs_pass_and_samples_are_capped(tmp_path):
     conversations = check_inputs(_model_folder(tmp_path), "w4a16-gptq", _chat_file(tmp_path, [GOOD] * 5), 3,
                                  str(tmp_path / "out"), "cpu", 0)
     assert len(conversations) == 3 and conversations[0][1] == {"role": "assistant", "content": "Hello!"}
+    # AWQ's quantizer runs on a GPU: with one in the cluster it is asked for, and then accepted
+    with pytest.raises(QuantizeError, match="add --device cuda"):
+        check_inputs(_model_folder(tmp_path, name="c"), "w4a16-awq", _chat_file(tmp_path, [GOOD]), 1,
+                     str(tmp_path / "out3"), "cpu", 1)
+    assert len(check_inputs(_model_folder(tmp_path, name="d"), "w4a16-awq", _chat_file(tmp_path, [GOOD]), 1,
+                            str(tmp_path / "out4"), "cuda", 1)) == 1
     # fp8 takes no calibration data
     assert check_inputs(_model_folder(tmp_path, name="b"), "fp8", None, 1, str(tmp_path / "out2"), "cpu", 0) == []
     assert not (tmp_path / "out" / ".tuneserve-write-probe").exists()  # the write probe cleans up
@@ -50,6 +56,7 @@ def test_good_inputs_pass_and_samples_are_capped(tmp_path):
     ("no_calibration", "--calibration is required for w8a8-int8"),
     ("unwritable_out", "--out .*: cannot write there"),
     ("cuda_without_gpu", "--device cuda: this Ray cluster has no GPU"),
+    ("awq_without_gpu", "--method w4a16-awq needs a GPU to quantize and this Ray cluster has none"),
     ("unknown_method", "--method 'int3': choose one of w4a16-gptq, w4a16-awq, w8a8-int8, fp8"),
 ])
 def test_bad_inputs_are_refused_before_any_work(tmp_path, case, needle):
@@ -72,6 +79,8 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, case, needle):
         out = str(tmp_path / "a-file" / "out")
     elif case == "cuda_without_gpu":
         device = "cuda"
+    elif case == "awq_without_gpu":
+        method = "w4a16-awq"
     elif case == "unknown_method":
         method = "int3"
     with pytest.raises(QuantizeError, match=needle):

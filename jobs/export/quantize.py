@@ -28,10 +28,14 @@ log = logging.getLogger("tuneserve.quantize")
 # method -> (what it is, whether it uses calibration data)
 METHODS = {
     "w4a16-gptq": ("4-bit integer weights, 16-bit activations, GPTQ (error-compensating rounding)", True),
-    "w4a16-awq": ("4-bit integer weights, 16-bit activations, AWQ (activation-aware scales)", True),
+    "w4a16-awq": ("4-bit integer weights, 16-bit activations, AWQ (activation-aware scales; needs a GPU)", True),
     "w8a8-int8": ("8-bit integer weights (GPTQ) and dynamic per-token 8-bit activations", True),
     "fp8": ("fp8 weights and dynamic per-token fp8 activations (no calibration needed)", False),
 }
+# Methods whose quantizer cannot run on a CPU: llm-compressor 0.14's AWQ pins its cached activations in
+# accelerator memory, and on a machine without one fails mid-run with "Cannot access accelerator device
+# when none is available" (measured on SmolLM2, docs/quantize.md).
+NEEDS_GPU = {"w4a16-awq"}
 
 # The quantizer's own environment, layered by Ray over this one (--no-deps: everything else is shared).
 QUANTIZER_PACKAGES = [
@@ -90,6 +94,11 @@ def check_inputs(model: str, method: str, calibration: str | None, samples: int,
 
     if method not in METHODS:
         raise QuantizeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if method in NEEDS_GPU and gpus_available < 1:
+        raise QuantizeError(f"--method {method} needs a GPU to quantize and this Ray cluster has none; use "
+                            "w4a16-gptq (the same 4-bit format) on CPUs, or run on a cluster with a GPU worker")
+    if method in NEEDS_GPU and device != "cuda":
+        raise QuantizeError(f"--method {method} runs its quantizer on a GPU: add --device cuda")
     if device == "cuda" and gpus_available < 1:
         raise QuantizeError(f"--device cuda: this Ray cluster has no GPU (method {method}); use --device cpu "
                             "or run on a cluster with a GPU worker")
