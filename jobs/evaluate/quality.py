@@ -19,7 +19,6 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
 log = logging.getLogger("tuneserve.quality")
 
@@ -41,17 +40,10 @@ def answer_spans(tokenizer, question: str, answer: str) -> tuple[list[int], int]
 class QualityEngine:
     """One offline vLLM engine (a Ray actor): prompt logprobs and greedy answers for one model."""
 
-    def __init__(self, model: str, on_gpu: bool, max_model_len: int):
-        from cluster.model_cache import resolve_model_path
+    def __init__(self, model: str, dtype: str, on_gpu: bool, max_model_len: int):
         from jobs.evaluate.runners import EngineReplica
 
-        folder = resolve_model_path(model)  # on this actor's node
-        config = json.loads((Path(folder) / "config.json").read_text())
-        # As the app serves it: bf16 on GPUs; fp32 on CPU, but bf16 for quantized weights, whose CPU kernels
-        # take bf16 activations (serve_app/engine.py resolve_dtype); CPU bf16 needs eager mode.
-        dtype = "bfloat16" if on_gpu or config.get("quantization_config") else "float32"
-        self.dtype = dtype
-        self.engine = EngineReplica(folder, dtype, max_model_len, 1, {"enforce_eager": not on_gpu}, None)
+        self.engine = EngineReplica(model, dtype, max_model_len, 1, {"enforce_eager": not on_gpu}, None)
 
     def answer_nll(self, pairs: list[tuple[str, str]]) -> tuple[float, int]:
         """Summed negative log-likelihood of each answer's tokens, and how many tokens."""
@@ -68,9 +60,6 @@ class QualityEngine:
                 count += 1
         return total, count
 
-    def dtype_used(self) -> str:
-        return self.dtype
-
     def answers(self, prompts: list[str], max_tokens: int) -> list[str]:
         settings = {"temperature": 0.0, "max_tokens": max_tokens, "seed": None}
         return [text.strip() for text, _ in self.engine.generate([[{"role": "user", "content": p}]
@@ -82,18 +71,24 @@ def measure(model: str, gsm8k: list[dict], general: list[str], accuracy: bool, m
 
     from cluster.resources import cluster_has_gpus
     from jobs.evaluate.gsm8k import INSTRUCTION, Example, reference_answer, score
-    from serve_app.engine import CPU_ENGINE_ENV
+    from serve_app.config import ModelConfig
+    from serve_app.engine import CPU_ENGINE_ENV, resolve_dtype
+    from serve_app.quantization import folder_method, read_folder_config
 
     on_gpu = cluster_has_gpus()
+    # The dtype the app would serve it in (quantized weights run bf16 on CPU); the folder's config.json is
+    # read where it is (a storage URI too), without fetching the weights here.
+    quantized = bool(folder_method(read_folder_config(model) or {}))
+    dtype = resolve_dtype(ModelConfig(id="quality", path=model), on_gpu, quantized)
     options = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {
         "num_cpus": 1, "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)}}
     started = time.perf_counter()
-    engine = ray.remote(QualityEngine).options(**options).remote(model, on_gpu, 2048)
+    engine = ray.remote(QualityEngine).options(**options).remote(model, dtype, on_gpu, 2048)
     try:
         nll, tokens = ray.get(engine.answer_nll.remote([(r["question"], r["answer"]) for r in gsm8k]))
         replies = ray.get(engine.answers.remote(general, max_tokens))
-        row = {"model": model, "dtype": ray.get(engine.dtype_used.remote()), "gsm8k_answer_ppl": round(math.exp(nll / tokens), 4), "answer_tokens": tokens,
-               "general_answers": replies}
+        row = {"model": model, "dtype": dtype, "gsm8k_answer_ppl": round(math.exp(nll / tokens), 4),
+               "answer_tokens": tokens, "general_answers": replies}
         if accuracy:
             prompts = [f"{r['question']}\n{INSTRUCTION}" for r in gsm8k]
             solved = ray.get(engine.answers.remote(prompts, 512))
