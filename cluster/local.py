@@ -170,9 +170,18 @@ def _pidfile() -> Path:
     return ray_dir() / "head.pids"
 
 
+def _client_server_marker() -> tuple[str, str]:
+    """How our head's Ray client-server proxy shows in its command line. `ray start` spawns it and exits,
+    so it is nobody's child, and its arguments name our GCS address and port, not our temp dir."""
+    ports = LocalRayPorts.from_env()
+    return f"--address={head_host()}:{ports.gcs} ", f"--port={ports.client_server} "
+
+
 def _marked_processes() -> set[int]:
-    """PIDs whose command line names our temp dir: the head's daemons and the workers they spawned."""
+    """PIDs whose command line names our temp dir (the head's daemons and the workers they spawned), and
+    our head's client-server proxy."""
     marker = str(ray_dir())
+    address, port = _client_server_marker()
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -181,7 +190,7 @@ def _marked_processes() -> set[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in cmdline:
+        if marker in cmdline or ("ray.util.client.server" in cmdline and address in cmdline and port in cmdline):
             found.add(int(entry.name))
     return found
 

@@ -37,7 +37,7 @@ from serve_app.auth import ANONYMOUS, WINDOW_S, KeyUsage, Ledger, check_models, 
 from serve_app.config import ApiKey, UsageStoreConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
-from serve_app.state_actors import STATE_NAMESPACE as STORE_NAMESPACE, open_state_actor, state_uri
+from serve_app.state_actors import open_state_actor, state_uri
 
 log = logging.getLogger("tuneserve.usage")
 USAGE_FILE = "usage.json"

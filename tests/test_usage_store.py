@@ -71,7 +71,8 @@ def _usage(base: str) -> dict:
 def _kill_store() -> None:
     import ray
 
-    from serve_app.usage_store import STORE_NAMESPACE, store_name
+    from serve_app.state_actors import STATE_NAMESPACE as STORE_NAMESPACE
+    from serve_app.usage_store import store_name
 
     try:
         ray.kill(ray.get_actor(store_name(APP), namespace=STORE_NAMESPACE), no_restart=True)
@@ -219,7 +220,8 @@ def test_report_while_the_store_is_down_counts_the_batch_that_failed(ray_head, f
     from serve_app.auth import ANONYMOUS
     from serve_app.config import UsageStoreConfig
     from serve_app.metrics import ServingMetrics
-    from serve_app.usage_store import STORE_NAMESPACE, Accounting, store_name
+    from serve_app.state_actors import STATE_NAMESPACE as STORE_NAMESPACE
+    from serve_app.usage_store import Accounting, store_name
 
     app = "usage-report"
     # a long flush interval: the test does the flushing; a long retry: the store stays down

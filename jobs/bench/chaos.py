@@ -326,7 +326,6 @@ def soak(base: str, app: str, count: int, headers: dict | None, label: str) -> T
 
 
 def run(scenarios: list[str], requests: int, soak_requests: int) -> list[dict]:
-    import ray
     from ray import serve
 
     from cluster.local import free_port

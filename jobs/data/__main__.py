@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from jobs.data import identity
 from jobs.data.records import DataError, read_conversations, write_jsonl, write_text

@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from cluster.storage import StorageError, locate
 from jobs.evaluate import gsm8k
