@@ -9,8 +9,9 @@ A model's `quantization` (serve_app/config.py) says what its folder holds or wha
 - `bitsandbytes`: a full-precision folder that vLLM loads in 4 bits (NF4), the base a QLoRA user trained on.
 
 What the CPU engine runs was measured on SmolLM2-135M (docs/quantize.md), not read from vLLM's lists: a
-method vLLM knows may still lack a kernel for the machine. The GPU engine's list is not measured yet: every
-method is let through there, and vLLM checks it when it loads.
+method vLLM knows may still lack a kernel for the machine. On the GPU engine (vllm 0.26, one H200, the 8B
+shape), compressed-tensors W4A16 and W8A8, fp8 and bitsandbytes ran (docs/quantize.md); awq and gptq
+folders were not tried there, so they are let through and vLLM checks them when it loads.
 """
 
 from __future__ import annotations

@@ -65,7 +65,9 @@ def wait_ready(url: str, timeout_s: float = 900, process: subprocess.Popen | Non
 
 
 @contextlib.contextmanager
-def raw_vllm(spec: EngineSpec, with_router: bool = False) -> Iterator[dict[str, str]]:
+def raw_vllm(spec: EngineSpec, with_router: bool = False, process_info: dict | None = None
+             ) -> Iterator[dict[str, str]]:
+    """vLLM's OpenAI server; `process_info`, when given, receives its "pid" and "log" path."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", spec.path, "--served-model-name", spec.model_id]
@@ -80,6 +82,8 @@ def raw_vllm(spec: EngineSpec, with_router: bool = False) -> Iterator[dict[str, 
     env = {**os.environ, **({} if spec.on_gpu else CPU_ENGINE_ENV)}
     log = tempfile.NamedTemporaryFile(prefix="bench-vllm-", suffix=".log", delete=False)
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if process_info is not None:
+        process_info.update(pid=process.pid, log=log.name)
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", process=process)
         url = f"http://127.0.0.1:{port}/v1"
