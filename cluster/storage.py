@@ -88,7 +88,8 @@ class Location:
 
     def read_bytes(self) -> bytes:
         def read():
-            with self.fs.open_input_stream(self.path) as stream:
+            # compression=None: the bytes as stored (pyarrow would gunzip a "*.gz" by its name)
+            with self.fs.open_input_stream(self.path, compression=None) as stream:
                 return stream.read()
         return _call(self, read)
 
@@ -105,7 +106,7 @@ class Location:
                 Path(staged).write_bytes(data)
                 os.replace(staged, self.path)
                 return
-            with self.fs.open_output_stream(self.path) as stream:
+            with self.fs.open_output_stream(self.path, compression=None) as stream:
                 stream.write(data)
         _call(self, write)
 

@@ -67,6 +67,13 @@ def test_relative_paths_live_under_the_storage_root(s3, tmp_path):
     assert location.uri == "s3://tuneserve/root/data/x.jsonl" and not location.is_local
     location.write_text('{"a": 1}\n')
     assert storage.locate("s3://tuneserve/root/data/x.jsonl").read_text() == '{"a": 1}\n'
+    # bytes are stored as given, whatever the name says: pyarrow would (de)compress a "*.gz" by its suffix
+    import gzip
+
+    packed = gzip.compress(b"targets")
+    for where in ("runs/t.json.gz", str(tmp_path / "t.json.gz")):
+        storage.locate(where).write_bytes(packed)
+        assert storage.locate(where).read_bytes() == packed
     # absolute paths are local files; file:// URIs too
     assert storage.locate(str(tmp_path)).is_local and storage.locate(f"file://{tmp_path}").path == str(tmp_path)
     # folders round-trip through the object store
