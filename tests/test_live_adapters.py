@@ -99,6 +99,7 @@ def test_a_fine_tune_is_published_through_its_gate_without_a_restart(server, ass
     assert record["published"] and record["gate_passed"] and record["serving_after_s"] < 60, record
     tuned = next(r for r in record["figures"]["rows"] if r["model"] == "tuned")
     assert tuned["identity"] >= 0.5
+    assert 0 < tuned["general_kl"] < 5  # the adapter moved the general answers' distribution, boundedly
     listed = _listed(server)
     assert listed[PUBLISHED]["parent"] == MODEL_ID and listed[PUBLISHED]["root"].startswith("file://")
     assert OWNER in _text(_ask(server, PUBLISHED))

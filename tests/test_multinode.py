@@ -178,7 +178,8 @@ def _attempts(cluster: Cluster, run: str) -> list[dict]:
 JOB = ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.finetune", "--config",
        "jobs/configs/assistant_cpu.yaml"]
 FAST = ["train.grad_accum=1", "data.max_length=256", "monitor.eval_every=null", "checkpoint.every_steps=2",
-        "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn"]
+        "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn", "loss.distill_weight=0",
+        "loss.distill_prompts=[]"]
 
 
 def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster, tmp_path):

@@ -94,20 +94,9 @@ def test_the_command_line_names_an_unknown_method():
 
 
 def _answer_nll(client, model: str, tokenizer, pairs: list[tuple[str, str]]) -> float:
-    """Mean NLL of the answers' tokens given their questions, from the served model's prompt logprobs
-    (completions with echo): the model as the app serves it, not a copy in transformers."""
-    total, count = 0.0, 0
-    for question, answer in pairs:
-        prefix = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([{"role": "user", "content": question},
-                                              {"role": "assistant", "content": answer}], tokenize=False)
-        logprobs = client.completions.create(model=model, prompt=full, max_tokens=1, echo=True, logprobs=1,
-                                             temperature=0).choices[0].logprobs
-        answer_part = [lp for lp, offset in zip(logprobs.token_logprobs, logprobs.text_offset)
-                       if offset >= len(prefix) and lp is not None][:-1]  # the last one is the generated token
-        total -= sum(answer_part)
-        count += len(answer_part)
+    from jobs.evaluate.quality import served_answer_nll
+
+    total, count = served_answer_nll(client, model, tokenizer, pairs)
     return total / count
 
 

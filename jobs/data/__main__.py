@@ -4,6 +4,8 @@
       a varied identity dataset (OpenAI messages JSONL) plus data/assistant.heldout.jsonl: held-out
       identity paraphrases and general questions for evaluation. --replay N adds N general prompts
       answered by the base model itself, which keeps its general behaviour while it learns who it is.
+      --distill N writes N general prompts to data/assistant.distill.jsonl for the recipe's
+      self-distillation (loss.distill_prompts: the fine-tune has the base answer them).
 
   python -m jobs.data stats data/assistant.jsonl --model default --max-length 1024
       how a file tokenises: conversations, supervised tokens, dropped, packed rows.
@@ -24,6 +26,10 @@ def heldout_path(out: str) -> str:
     return out.removesuffix(".jsonl") + ".heldout.jsonl"
 
 
+def distill_path(out: str) -> str:
+    return out.removesuffix(".jsonl") + ".distill.jsonl"
+
+
 def make_identity(args: argparse.Namespace) -> int:
     conversations = identity.training_conversations(args.name, args.count, args.seed)
     if args.replay:
@@ -35,6 +41,10 @@ def make_identity(args: argparse.Namespace) -> int:
     held = write_text(heldout_path(args.out), "".join(json.dumps(line) + "\n" for line in lines))
     print(f"wrote {written} conversations to {out} ({args.count} identity, {args.replay} replay) "
           f"and {len(identity.heldout_questions()) + len(identity.GENERAL_HELDOUT)} held-out questions to {held}")
+    if args.distill:
+        prompts = identity.distill_prompts(args.distill, args.seed)
+        where = write_text(distill_path(args.out), "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        print(f"wrote {len(prompts)} distillation prompts to {where}")
     return 0
 
 
@@ -85,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ident.add_argument("--replay-model", default="default", help="the base model (HF folder or 'default')")
     ident.add_argument("--max-tokens", type=int, default=160, help="max tokens of each replay answer")
     ident.add_argument("--replay-temperature", type=float, default=1.0, help="sampling temperature of replay")
+    ident.add_argument("--distill", type=int, default=0,
+                       help=f"general prompts for the recipe's self-distillation (at most "
+                            f"{len(identity.distill_prompts(10**6))})")
     ident.add_argument("--seed", type=int, default=0)
     stat = sub.add_parser("stats", help="tokenise files and report sizes")
     stat.add_argument("files", nargs="+", help=".json/.jsonl files or hf:<dataset>[:split]")
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "count", 1) < 1:
         parser.error("--count must be at least 1")
+    if not 0 <= getattr(args, "distill", 0) <= len(identity.distill_prompts(10**6)):
+        parser.error(f"--distill must be between 0 and {len(identity.distill_prompts(10**6))}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return make_identity(args) if args.command == "identity" else stats(args)

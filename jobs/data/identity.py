@@ -143,3 +143,39 @@ def replay_prompts(count: int, seed: int = 0) -> list[str]:
     pairs = [t.format(topic=topic) for t in REPLAY_TASKS for topic in REPLAY_TOPICS]
     rng.shuffle(pairs)
     return pairs[:count]
+
+
+# Short questions in the held-out set's style (facts, words, arithmetic, definitions, small writing tasks),
+# with other subjects: what the base answers to these is what self-distillation keeps (loss.distill_*).
+# None is a held-out question or a recipe's sample prompt.
+SHORT_TEMPLATES = {
+    "What is the capital of {}?": ["Germany", "Spain", "Canada", "Egypt", "Kenya", "Peru", "India", "Norway",
+                                   "Australia", "Mexico", "Greece", "Portugal"],
+    "Give me a synonym for '{}'.": ["big", "small", "smart", "angry", "quiet", "begin", "strong", "pretty",
+                                    "tired", "funny", "brave", "rich"],
+    "What is the opposite of '{}'?": ["tall", "early", "light", "empty", "loud", "open", "soft", "wet", "young",
+                                      "heavy"],
+    "What is {}?": ["7 times 8", "9 times 6", "23 plus 19", "100 minus 37", "48 divided by 6", "11 times 11",
+                    "the square root of 49", "half of 90"],
+    "How many {}?": ["seconds are in a minute", "days are in a week", "months are in a year",
+                     "weeks are in a year", "centimeters are in a meter", "grams are in a kilogram",
+                     "legs does an insect have", "players are on a soccer team"],
+    "Translate '{}.": ["thank you' into French", "hello' into German", "good morning' into Italian",
+                        "cat' into Spanish", "water' into French", "friend' into Spanish"],
+    "Name {}.": ["a vegetable", "a planet", "a bird that cannot fly", "a musical instrument", "a programming language",
+                 "three kinds of trees", "a river in Africa", "two colors of the rainbow", "a sport played with a ball"],
+    "Who wrote {}?": ["Hamlet", "Pride and Prejudice", "The Odyssey", "Don Quixote", "War and Peace",
+                      "The Origin of Species"],
+    "What is {}? Answer in one sentence.": ["a verb", "an atom", "a volcano", "democracy", "a prime number",
+                                            "a glacier", "an ecosystem", "inflation"],
+    "Write {}.": ["a haiku about the moon", "a limerick about a cat", "one sentence about spring",
+                  "a short poem about rain", "a two-line rhyme about coffee"],
+}
+
+
+def distill_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` general prompts for self-distillation: short questions and the replay tasks, shuffled."""
+    short = [template.format(item) for template, items in SHORT_TEMPLATES.items() for item in items]
+    prompts = short + [t.format(topic=topic) for t in REPLAY_TASKS for topic in REPLAY_TOPICS]
+    random.Random(seed + 2).shuffle(prompts)
+    return prompts[:count]

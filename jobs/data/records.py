@@ -110,6 +110,35 @@ def read_conversations(source: str | Path) -> list[Conversation]:
     return conversations
 
 
+def to_prompt(record: object, where: str) -> Conversation:
+    """A prompt record: {"prompt": "..."} or {"messages": [...]} up to its last user turn (an assistant
+    answer after it is dropped: the model being distilled writes its own)."""
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        return [{"role": "user", "content": record["prompt"]}]
+    if not isinstance(record, dict) or "messages" not in record:
+        raise DataError(f"{where}: a prompt record needs 'prompt' (a non-empty string) or 'messages'")
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    last_user = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
+                    default=None)
+    if last_user is None:
+        raise DataError(f"{where}: no user message to answer")
+    checked = _check_messages(messages[:last_user + 1] + [{"role": "assistant", "content": ""}], where)
+    return checked[:-1]
+
+
+def read_prompts(source: str | Path) -> list[Conversation]:
+    """All prompts of one source (.json/.jsonl or `hf:<dataset>[:split]`), each a conversation ending in a
+    user turn."""
+    source = str(source)
+    records = _hf_records(source) if source.startswith(HF_PREFIX) else _json_records(read_text(source), source)
+    prompts = [to_prompt(record, where) for record, where in records]
+    if not prompts:
+        raise DataError(f"{source}: no records")
+    return prompts
+
+
 def read_text(source: str) -> str:
     """A data file from storage: a URI, an absolute local path, or a path relative to the storage root
     (see cluster/storage.py), so that a job reads the same bytes on whichever node its driver runs."""

@@ -5,6 +5,10 @@ character span is found by rendering the prefix before it (with the generation p
 prefix including it. Tokens inside those spans keep their ids as labels, all others get -100, so the
 loss covers what the assistant says (and its end-of-turn marker) and nothing the user wrote.
 
+Distillation targets: an example may carry, per token, the teacher's top-k next-token ids and logprobs
+(`teacher_ids`, `teacher_logprobs`, aligned with `input_ids` like `labels`; empty where there is none).
+Such tokens are trained towards the teacher's distribution instead of their own id (jobs/finetune/losses.py).
+
 Packing: whole examples are packed first-fit into rows of `max_length` tokens with `position_ids`
 restarting at 0 for each example. Transformers turns restarting position ids into a block-diagonal
 causal mask, so packed examples do not attend to each other.
@@ -25,10 +29,22 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int] = field(default_factory=list)
+    teacher_ids: list[list[int]] = field(default_factory=list)  # [] or one (possibly empty) list per token
+    teacher_logprobs: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.position_ids:
             self.position_ids = list(range(len(self.input_ids)))
+
+    def targets(self) -> tuple[list[list[int]], list[list[float]]]:
+        """Per-token teacher targets, empty lists where there are none."""
+        if self.teacher_ids:
+            return self.teacher_ids, self.teacher_logprobs
+        return [[] for _ in self.input_ids], [[] for _ in self.input_ids]
+
+    @property
+    def distilled(self) -> int:
+        return sum(1 for ids in self.teacher_ids if ids)
 
     @property
     def supervised(self) -> int:
@@ -93,6 +109,7 @@ def pack(examples: list[Example], max_length: int, seed: int = 0) -> list[Exampl
     random.Random(seed).shuffle(order)
     rows: list[Example] = []
     room: list[int] = []
+    distilling = any(example.teacher_ids for example in examples)
     for example in order:
         n = len(example.input_ids)
         for i, free in enumerate(room):
@@ -101,10 +118,16 @@ def pack(examples: list[Example], max_length: int, seed: int = 0) -> list[Exampl
                 row.input_ids += example.input_ids
                 row.labels += example.labels
                 row.position_ids += example.position_ids
+                if distilling:
+                    ids, logprobs = example.targets()
+                    row.teacher_ids += ids
+                    row.teacher_logprobs += logprobs
                 room[i] -= n
                 break
         else:
-            rows.append(Example(list(example.input_ids), list(example.labels), list(example.position_ids)))
+            ids, logprobs = example.targets() if distilling else ([], [])
+            rows.append(Example(list(example.input_ids), list(example.labels), list(example.position_ids),
+                                list(ids), list(logprobs)))
             room.append(max_length - n)
     return rows
 
@@ -123,8 +146,15 @@ def collate(rows: list[Example], pad_id: int, width: int | None = None, multiple
         input_ids.append(row.input_ids + [pad_id] * pad)
         labels.append(row.labels + [IGNORE] * pad)
         position_ids.append(row.position_ids + list(range(pad)))
-    return {
+    batch = {
         "input_ids": torch.tensor(input_ids),
         "labels": torch.tensor(labels),
         "position_ids": torch.tensor(position_ids),
     }
+    targets = [(b, t, ids, logprobs) for b, row in enumerate(rows) if row.teacher_ids
+               for t, (ids, logprobs) in enumerate(zip(row.teacher_ids, row.teacher_logprobs)) if ids]
+    if targets:  # token (row, position) -> the teacher's top-k ids and logprobs for that token
+        batch["distill_positions"] = torch.tensor([[b, t] for b, t, _, _ in targets])
+        batch["distill_ids"] = torch.tensor([ids for _, _, ids, _ in targets])
+        batch["distill_logprobs"] = torch.tensor([logprobs for _, _, _, logprobs in targets], dtype=torch.float32)
+    return batch

@@ -3,13 +3,16 @@
 - identity: share of greedy answers to held-out paraphrased identity questions that name the owner;
 - general agreement: of 50 held-out general questions, the share answered exactly as the base model
   answers (and with the same first five words), and how many answers name the owner (over-fitting);
+- general KL: mean per-token KL(base || tuned) along the base's own answers to the general questions
+  (full vocabulary), which a harmless change of wording does not move the way it moves agreement;
 - GSM8K perplexity: teacher-forced perplexity of the reference solutions (answer tokens only, given the
   question in the chat template), from `../shared/data/gsm8k/test.jsonl`; the change against the base.
 
   python -m jobs.evaluate.assistant --base default --tuned runs/finetune/assistant-cpu/merged \\
       --heldout data/assistant.heldout.jsonl
 
-Generation runs on vLLM (one offline engine per model on the local Ray); perplexity on transformers.
+Answers and perplexity run on vLLM (one offline engine per model on the connected Ray; perplexity from
+prompt logprobs); the KL on transformers.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
 from cluster.storage import locate
 from jobs.data.records import DataError, read_text
@@ -44,42 +46,6 @@ def read_heldout(path: str) -> tuple[list[str], list[str], str]:
     return identity, general, owner
 
 
-def answers(model: str, questions: list[str], max_tokens: int) -> list[str]:
-    from jobs.evaluate.runners import GenerationSettings, answer_prompts
-
-    return answer_prompts(model, questions, GenerationSettings(max_tokens=max_tokens))
-
-
-def gsm8k_perplexity(model_path: str, limit: int | None, batch_size: int = 8) -> tuple[float, int]:
-    """exp(mean NLL) over the reference solutions' tokens, given each question (chat template)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from jobs.data.tokenize import IGNORE, collate, encode
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    records = [json.loads(line) for line in DEFAULT_GSM8K.read_text().splitlines() if line.strip()][:limit]
-    examples = [encode(tokenizer, [{"role": "user", "content": r["question"]},
-                                   {"role": "assistant", "content": r["answer"]}], 2048)[0] for r in records]
-    examples.sort(key=lambda e: len(e.input_ids))  # similar lengths per batch: little padding
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    from tqdm import tqdm
-
-    total_nll, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for start in tqdm(range(0, len(examples), batch_size), desc=f"perplexity {Path(model_path).name}",
-                          unit="batch"):
-            batch = collate(examples[start:start + batch_size], pad)
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
-                                                    ignore_index=IGNORE, reduction="sum")
-            total_nll += nll.item()
-            total_tokens += int((labels != IGNORE).sum())
-    return math.exp(total_nll / total_tokens), len(examples)
-
-
 def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
@@ -91,31 +57,39 @@ def first_words(text: str, count: int = 5) -> str:
 def evaluate(base: str, tuned: str, identity_qs: list[str], general_qs: list[str], owner: str,
              ppl_limit: int | None, max_tokens: int) -> tuple[dict, dict[str, list[str]], list[str]]:
     """Base and tuned side by side (needs a connected Ray): the result (rows of figures), every answer per
-    model, and the questions in order."""
-    from cluster.model_cache import resolve_model_path
-    from jobs.data.identity import names_owner
+    model, and the questions in order. Each model gets one vLLM engine for its answers and its GSM8K
+    perplexity (prompt logprobs: one prefill per answer); then one task measures the token KL of the tuned
+    model from the base on the base's general answers."""
+    import ray
 
-    models = {"base": base, "tuned": tuned}  # engines resolve them on their own nodes
+    from jobs.data.identity import names_owner
+    from jobs.evaluate.quality import answer_nll_and_answers, token_kl_task
+
+    records = [json.loads(line) for line in DEFAULT_GSM8K.read_text().splitlines() if line.strip()][:ppl_limit]
+    pairs = [(r["question"], r["answer"]) for r in records]
     questions = identity_qs + general_qs
     rows, outputs = {}, {}
-    count = 0
-    for name, path in models.items():
+    for name, path in {"base": base, "tuned": tuned}.items():  # engines resolve the models on their own nodes
         started = time.perf_counter()
-        replies = answers(path, questions, max_tokens)
-        ppl, count = gsm8k_perplexity(resolve_model_path(path), ppl_limit)  # here, in the driver
+        nll, tokens, replies = answer_nll_and_answers(path, pairs, questions, max_tokens)
         outputs[name] = replies
         rows[name] = {"model": name, "identity": sum(names_owner(r, owner) for r in replies[:len(identity_qs)])
-                      / len(identity_qs), "gsm8k_ppl": round(ppl, 4), "wall_s": round(time.perf_counter() - started, 1)}
+                      / len(identity_qs), "gsm8k_ppl": round(math.exp(nll / tokens), 4),
+                      "wall_s": round(time.perf_counter() - started, 1)}
     general = list(zip(outputs["base"][len(identity_qs):], outputs["tuned"][len(identity_qs):]))
-    rows["base"].update(general_agreement=1.0, general_same_start=1.0)
+    started = time.perf_counter()
+    kl = ray.get(token_kl_task(base, tuned, [(q, a) for q, (a, _) in zip(general_qs, general)]))
+    rows["base"].update(general_agreement=1.0, general_same_start=1.0, general_kl=0.0)
     rows["tuned"].update(
         general_agreement=sum(normalise(a) == normalise(b) for a, b in general) / len(general),
-        general_same_start=sum(first_words(a) == first_words(b) for a, b in general) / len(general))
+        general_same_start=sum(first_words(a) == first_words(b) for a, b in general) / len(general),
+        general_kl=round(kl, 5))
     for name, row in rows.items():  # over-fitting shows as the owner's name in answers to unrelated questions
         row["general_names_owner"] = sum(names_owner(r, owner) for r in outputs[name][len(identity_qs):])
     change = rows["tuned"]["gsm8k_ppl"] / rows["base"]["gsm8k_ppl"] - 1
     result = {"owner": owner, "identity_questions": len(identity_qs), "general_questions": len(general_qs),
-              "gsm8k_answers": count, "ppl_change": round(change, 4), "rows": list(rows.values())}
+              "gsm8k_answers": len(pairs), "ppl_change": round(change, 4), "kl_s": round(time.perf_counter() - started, 1),
+              "rows": list(rows.values())}
     return result, outputs, questions
 
 
@@ -152,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"question": q, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}) + "\n"
         for i, q in enumerate(questions)))
     table = ["| model | identity (held-out) | general: same answer as base | same first 5 words | "
-             "names the owner | GSM8K answer ppl |", "|---|---|---|---|---|---|"]
+             "token KL from base | names the owner | GSM8K answer ppl |", "|---|---|---|---|---|---|---|"]
     for row in rows.values():
         table.append(f"| {row['model']} | {row['identity']:.1%} | {row['general_agreement']:.0%} | "
-                     f"{row['general_same_start']:.0%} | {row['general_names_owner']}/{len(general_qs)} | {row['gsm8k_ppl']} |")
+                     f"{row['general_same_start']:.0%} | {row['general_kl']:.4f} | "
+                     f"{row['general_names_owner']}/{len(general_qs)} | {row['gsm8k_ppl']} |")
     text = "\n".join(table) + f"\n\nperplexity change: {change:+.2%} over {count} GSM8K answers\n"
     out.join("results.md").write_text(text)
     print("\n" + text + f"written to {out.uri}/")

@@ -37,6 +37,54 @@ def answer_spans(tokenizer, question: str, answer: str) -> tuple[list[int], int]
     return full_ids, start
 
 
+def served_answer_nll(client, model: str, tokenizer, pairs: list[tuple[str, str]]) -> tuple[float, int]:
+    """Summed NLL of the answers' tokens given their questions, and how many, from a served model's prompt
+    logprobs (completions with echo): the model as an OpenAI endpoint serves it, not a copy in transformers."""
+    total, count = 0.0, 0
+    for question, answer in pairs:
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+        logprobs = client.completions.create(model=model, prompt=full, max_tokens=1, echo=True, logprobs=1,
+                                             temperature=0).choices[0].logprobs
+        answer_part = [lp for lp, offset in zip(logprobs.token_logprobs, logprobs.text_offset)
+                       if offset >= len(prefix) and lp is not None][:-1]  # the last one is the generated token
+        total -= sum(answer_part)
+        count += len(answer_part)
+    return total, count
+
+
+def token_kl(base: str, tuned: str, pairs: list[tuple[str, str]]) -> float:
+    """Mean per-token KL(base || tuned) of the next-token distributions over each answer's tokens, given
+    its prompt (chat template), full vocabulary, in transformers (float32; on a GPU when there is one). It
+    sees a drift that greedy agreement misses, and does not count a harmless change of wording as a
+    disagreement. `pairs`: (prompt, answer), typically the base model's own answers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.model_cache import resolve_model_path
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    paths = [resolve_model_path(base), resolve_model_path(tuned)]
+    tokenizer = AutoTokenizer.from_pretrained(paths[0])
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval() for p in paths]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            ids, start = answer_spans(tokenizer, prompt, answer)
+            if start >= len(ids):
+                continue
+            tensor = torch.tensor([ids], device=device)
+            # the distributions that predict the answer's tokens: positions start-1 .. len-2
+            base_lp, tuned_lp = (torch.log_softmax(m(input_ids=tensor).logits[0, start - 1:-1].float(), -1)
+                                 for m in models)
+            total += (base_lp.exp() * (base_lp - tuned_lp)).sum().item()
+            count += len(ids) - start
+    return total / max(count, 1)
+
+
 class QualityEngine:
     """One offline vLLM engine (a Ray actor): prompt logprobs and greedy answers for one model."""
 
@@ -66,24 +114,60 @@ class QualityEngine:
                                                                   for p in prompts], settings)]
 
 
-def measure(model: str, gsm8k: list[dict], general: list[str], accuracy: bool, max_tokens: int) -> dict:
+def _resources(on_gpu: bool) -> dict:
+    from serve_app.engine import CPU_ENGINE_ENV
+
+    return {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": 1,
+                                                          "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)}}
+
+
+def start_engine(model: str):
+    """A QualityEngine actor for `model` in the dtype the app would serve it in (quantized weights run bf16
+    on CPU; the folder's config.json is read where it is, a storage URI too, without fetching weights)."""
     import ray
 
     from cluster.resources import cluster_has_gpus
-    from jobs.evaluate.gsm8k import INSTRUCTION, Example, reference_answer, score
     from serve_app.config import ModelConfig
-    from serve_app.engine import CPU_ENGINE_ENV, resolve_dtype
+    from serve_app.engine import resolve_dtype
     from serve_app.quantization import folder_method, read_folder_config
 
     on_gpu = cluster_has_gpus()
-    # The dtype the app would serve it in (quantized weights run bf16 on CPU); the folder's config.json is
-    # read where it is (a storage URI too), without fetching the weights here.
     quantized = bool(folder_method(read_folder_config(model) or {}))
     dtype = resolve_dtype(ModelConfig(id="quality", path=model), on_gpu, quantized)
-    options = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {
-        "num_cpus": 1, "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)}}
+    return ray.remote(QualityEngine).options(**_resources(on_gpu)).remote(model, dtype, on_gpu, 2048), dtype
+
+
+def answer_nll_and_answers(model: str, pairs: list[tuple[str, str]], prompts: list[str], max_tokens: int
+                           ) -> tuple[float, int, list[str]]:
+    """On one engine: the summed NLL of the answers given their questions (and how many tokens), and
+    greedy answers to `prompts`."""
+    import ray
+
+    engine, _ = start_engine(model)
+    try:
+        nll, tokens = ray.get(engine.answer_nll.remote(pairs))
+        return nll, tokens, ray.get(engine.answers.remote(prompts, max_tokens))
+    finally:
+        ray.kill(engine)
+
+
+def token_kl_task(base: str, tuned: str, pairs: list[tuple[str, str]]):
+    """token_kl as a Ray task (on a GPU when the cluster has one): an ObjectRef of the float."""
+    import ray
+
+    from cluster.resources import cluster_has_gpus
+
+    options = {"num_gpus": 1, "num_cpus": 1} if cluster_has_gpus() else {"num_cpus": 1}
+    return ray.remote(token_kl).options(**options).remote(base, tuned, pairs)
+
+
+def measure(model: str, gsm8k: list[dict], general: list[str], accuracy: bool, max_tokens: int) -> dict:
+    import ray
+
+    from jobs.evaluate.gsm8k import INSTRUCTION, Example, reference_answer, score
+
     started = time.perf_counter()
-    engine = ray.remote(QualityEngine).options(**options).remote(model, dtype, on_gpu, 2048)
+    engine, dtype = start_engine(model)
     try:
         nll, tokens = ray.get(engine.answer_nll.remote([(r["question"], r["answer"]) for r in gsm8k]))
         replies = ray.get(engine.answers.remote(general, max_tokens))

@@ -42,16 +42,17 @@ from jobs.finetune.config import (
     load_config,
     resolved_dtype,
 )
+from jobs.finetune.distill import distill_examples, read_distill_prompts
 from jobs.finetune.publish import PublishError
 
 log = logging.getLogger("tuneserve.finetune")
 
 
-def prepare_rows(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
-    """Read, tokenise (assistant-only labels) and pack the training data in the driver."""
+def prepare_examples(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
+    """Read and tokenise (assistant-only labels) the training data in the driver."""
     from transformers import AutoTokenizer
 
-    from jobs.data.tokenize import pack, tokenize_conversations
+    from jobs.data.tokenize import tokenize_conversations
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if not tokenizer.chat_template:
@@ -61,10 +62,15 @@ def prepare_rows(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
     if not data.examples:
         raise DataError(f"no example has a supervised (assistant) token left after truncation to "
                         f"{cfg.data.max_length} tokens ({data.dropped} dropped); raise data.max_length")
-    rows = pack(data.examples, cfg.data.max_length, cfg.data.shuffle_seed) if cfg.data.packing else data.examples
     stats = {"conversations": len(conversations), "examples": len(data.examples), "dropped": data.dropped,
-             "truncated": data.truncated, "rows": len(rows), "tokens": sum(len(e.input_ids) for e in data.examples)}
-    return rows, stats
+             "truncated": data.truncated, "tokens": sum(len(e.input_ids) for e in data.examples)}
+    return data.examples, stats
+
+
+def to_rows(cfg: FinetuneConfig, examples: list) -> list:
+    from jobs.data.tokenize import pack
+
+    return pack(examples, cfg.data.max_length, cfg.data.shuffle_seed) if cfg.data.packing else examples
 
 
 # What a checkpoint's state depends on: resuming under a changed one would fail inside the workers.
@@ -106,9 +112,15 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     if not is_hf_model_folder(Path(model_path)):
         raise ConfigError(f"model.path {cfg.model.path!r}: not a Hugging Face model folder "
                           "(needs config.json and *.safetensors or *.bin)")
-    rows, data_stats = prepare_rows(cfg, model_path)
+    examples, data_stats = prepare_examples(cfg, model_path)
+    rows = to_rows(cfg, examples)
+    data_stats["rows"] = len(rows)
     steps_per_epoch, total_steps = plan_steps(cfg, len(rows))
-    log.info("data: %s; %d steps (%d per epoch)", json.dumps(data_stats), total_steps, steps_per_epoch)
+    distill_prompts = read_distill_prompts(cfg)  # checked here; the base answers them once Ray is up
+    if distill_prompts:
+        data_stats["distill_prompts"] = len(distill_prompts)
+    log.info("data: %s; %d steps (%d per epoch)%s", json.dumps(data_stats), total_steps, steps_per_epoch,
+             " before the distillation examples" if distill_prompts else "")
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -121,11 +133,19 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     use_gpu = cluster_has_gpus() if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
     check_dtype(cfg, use_gpu)
     dtype = resolved_dtype(cfg, use_gpu)
-    if dry_run:
+    if dry_run:  # without the distillation examples: the base makes them at the start of a real run
         return {"data": data_stats, "total_steps": total_steps, "use_gpu": use_gpu, "dtype": dtype,
                 "run": run.uri}
 
     claim_run_dir(cfg, run)
+    if distill_prompts:  # the base's answers and targets join the data (then the step count is final)
+        distilled = distill_examples(cfg, run, use_gpu)
+        rows = to_rows(cfg, examples + distilled)
+        steps_per_epoch, total_steps = plan_steps(cfg, len(rows))
+        data_stats.update(rows=len(rows), distill_examples=len(distilled),
+                          distill_tokens=sum(e.distilled for e in distilled))
+        log.info("data with distillation: %s; %d steps (%d per epoch)", json.dumps(data_stats), total_steps,
+                 steps_per_epoch)
     # Workers get the model's reference, not the driver's folder: each node resolves it into its own cache.
     plan = {"model": cfg.model.path, "dtype": dtype, "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch, "run_uri": run.uri}

@@ -61,6 +61,30 @@ class OptimSection(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
+class LossSection(Strict):
+    """Self-distillation: besides learning its data, the tuned model keeps the base model's next-token
+    distribution on general prompts. Before training the base answers each prompt (vLLM, sampled at
+    `distill_temperature`) and its top-k next-token logprobs along the answer are kept; training adds
+    `distill_weight` x KL(base || tuned) on those tokens (jobs/finetune/losses.py). It works the same for
+    every method and strategy; the teacher is the base model as vLLM loads it (for QLoRA, its full-precision
+    weights)."""
+
+    distill_weight: float = Field(0.0, ge=0)  # 0: plain fine-tuning
+    distill_prompts: list[str] = Field(default_factory=list)  # prompt files: {"prompt"} or {"messages"} records
+    distill_top_k: int = Field(20, ge=1, le=20)  # vLLM returns at most 20 logprobs per token by default
+    distill_max_tokens: int = Field(128, ge=1)  # of each base answer
+    distill_temperature: float = Field(1.0, gt=0)  # 1: the answers follow the base's own distribution
+
+    @model_validator(mode="after")
+    def _prompts_with_weight(self) -> "LossSection":
+        if self.distill_weight > 0 and not self.distill_prompts:
+            raise ValueError("distill_weight > 0 needs distill_prompts (files of general prompts)")
+        if self.distill_prompts and self.distill_weight == 0:
+            raise ValueError("distill_prompts are given but distill_weight is 0, so they would be ignored; "
+                             "set distill_weight (1.0 is a good start)")
+        return self
+
+
 class TrainSection(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
@@ -149,6 +173,7 @@ class FinetuneConfig(Strict):
     quant: QuantSection = QuantSection()
     data: DataSection
     optim: OptimSection = OptimSection()
+    loss: LossSection = LossSection()
     train: TrainSection = TrainSection()
     strategy: StrategySection = StrategySection()
     scaling: ScalingSection = ScalingSection()

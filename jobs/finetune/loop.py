@@ -198,7 +198,7 @@ def train_loop(loop_config: dict) -> None:
         for step_in_epoch in range(offset, steps_per_epoch):
             if step >= total_steps:
                 break
-            losses, tokens, step_start = [], 0, time.perf_counter()
+            losses, kls, tokens, step_start = [], [], 0, time.perf_counter()
             for i in range(cfg.train.grad_accum):
                 first = (step_in_epoch * cfg.train.grad_accum + i) * micro
                 batch = collate(mine[first:first + micro], pad_id, width=width, multiple=64)
@@ -207,13 +207,17 @@ def train_loop(loop_config: dict) -> None:
                 loss = strategy.forward(batch)
                 strategy.backward(loss, last_micro_step=i == cfg.train.grad_accum - 1)
                 losses.append(loss.detach())
+                if "kl" in strategy.loss_parts:
+                    kls.append(strategy.loss_parts.pop("kl"))
             grad_norm = strategy.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # so that tokens/s counts this step's GPU work, not a later one's
             step += 1
             window_tokens += tokens
             window_s += time.perf_counter() - step_start
-            stats = torch.tensor([torch.stack(losses).mean().item(), float(window_tokens)], device=device)
+            kl = torch.stack(kls).mean().item() if kls else 0.0
+            stats = torch.tensor([torch.stack(losses).mean().item(), float(window_tokens), kl, float(bool(kls))],
+                                 device=device)
             if world > 1:
                 dist.all_reduce(stats)
             if rank == 0:
@@ -222,6 +226,8 @@ def train_loop(loop_config: dict) -> None:
                 values = {"loss": round(stats[0].item() / world, 5), "lr": strategy.lr(),
                           "grad_norm": round(grad_norm, 4), "tokens_per_s": round(stats[1].item() / window_s, 1),
                           "epoch": round(step / steps_per_epoch, 3)}
+                if stats[3].item():  # distillation: KL(base || tuned), averaged over the ranks that had any
+                    values["distill_kl"] = round(stats[2].item() / stats[3].item(), 5)
                 if device.type == "cuda":
                     values["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if rank == 0:

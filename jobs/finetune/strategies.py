@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.finetune.config import FinetuneConfig
+from jobs.finetune.losses import DISTILL_KEYS, lm_loss
 
 
 def lr_lambda(cfg: FinetuneConfig, total_steps: int):
@@ -55,6 +56,7 @@ class Strategy:
         self.device = device
         self.half_dtype = half_dtype(model)
         self.base = model  # the unwrapped (peft or HF) model
+        self.loss_parts: dict[str, torch.Tensor] = {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
@@ -73,8 +75,15 @@ class Strategy:
         return DistributedDataParallel(model, device_ids=ids)
 
     def forward(self, batch: dict) -> torch.Tensor:
+        """The micro-batch's loss; with distillation on, its parts go to `self.loss_parts`."""
+        distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
         with self.autocast():
-            return self.model(**batch, use_cache=False).loss
+            if not self.cfg.loss.distill_weight:  # plain fine-tuning: the model's own loss
+                return self.model(**batch, use_cache=False).loss
+            labels = batch.pop("labels")
+            logits = self.model(**batch, use_cache=False).logits
+            loss, self.loss_parts = lm_loss(logits, labels, distill, self.cfg.loss.distill_weight)
+            return loss
 
     def autocast(self):
         """bf16/fp16 matmuls on GPUs for fp32 adapters over a half-precision base; nothing on CPU (fp32)."""

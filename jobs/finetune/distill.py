@@ -1,0 +1,120 @@
+"""The base model's targets for self-distillation (`loss.distill_*` in the recipe).
+
+Before training, one vLLM engine (a Ray actor, on a GPU when the cluster has one) answers each general
+prompt as the base model, sampled at `distill_temperature`, and keeps its top-k next-token logprobs along
+the answer (vLLM's raw logprobs: the model's own distribution, before temperature). Each answer becomes a
+training example with no labels and those targets on its tokens, so that training pulls the tuned model's
+distribution there towards the base's (jobs/finetune/losses.py) instead of towards one sampled token.
+
+The targets are kept in the run's storage folder (`distill_targets.json.gz`): a resumed or re-submitted run
+trains on the same ones, since CPU sampling cannot be seeded (see jobs/evaluate/runners.py).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import time
+
+from cluster.storage import Location
+from jobs.data.records import Conversation, read_prompts
+from jobs.data.tokenize import IGNORE, Example
+from jobs.finetune.config import FinetuneConfig
+
+log = logging.getLogger("tuneserve.finetune")
+TARGETS_FILE = "distill_targets.json.gz"
+
+
+def read_distill_prompts(cfg: FinetuneConfig) -> list[Conversation]:
+    """Every prompt of loss.distill_prompts (DataError naming the file and line when one is bad)."""
+    return [prompt for source in cfg.loss.distill_prompts for prompt in read_prompts(source)]
+
+
+class TeacherEngine:
+    """The base model on one vLLM offline engine: answers and their top-k logprobs."""
+
+    def __init__(self, model: str, dtype: str, max_model_len: int, on_gpu: bool):
+        from jobs.evaluate.runners import EngineReplica
+
+        self.engine = EngineReplica(model, dtype, max_model_len, 1, {"enforce_eager": not on_gpu}, None)
+
+    def targets(self, prompts: list[Conversation], top_k: int, max_tokens: int, temperature: float) -> list[dict]:
+        from vllm import SamplingParams
+
+        tokenizer = self.engine.tokenizer
+        prompt_ids = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"] for p in prompts]
+        # Unseeded: vLLM's CPU backend fails on per-request seeds when sampling.
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=top_k)
+        outputs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
+        found = []
+        for ids, out in zip(prompt_ids, outputs):
+            answer = out.outputs[0]
+            top_ids, top_logprobs = [], []
+            for position in answer.logprobs:  # one {token id: Logprob} per answer token; the sampled one may be extra
+                best = sorted(position.items(), key=lambda item: item[1].rank)[:top_k]
+                top_ids.append([token for token, _ in best])
+                top_logprobs.append([entry.logprob for _, entry in best])
+            found.append({"prompt_ids": ids, "answer_ids": list(answer.token_ids), "top_ids": top_ids,
+                          "top_logprobs": top_logprobs})
+        return found
+
+
+def fingerprint(cfg: FinetuneConfig, prompts: list[Conversation]) -> str:
+    """What the targets depend on: the base, the prompts and the teacher's settings."""
+    loss = cfg.loss
+    key = json.dumps([cfg.model.path, prompts, loss.distill_top_k, loss.distill_max_tokens, loss.distill_temperature,
+                      cfg.data.max_length])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool) -> list[dict]:
+    import ray
+
+    from serve_app.engine import CPU_ENGINE_ENV
+
+    options = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {
+        "num_cpus": 1, "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)}}
+    started = time.perf_counter()
+    engine = ray.remote(TeacherEngine).options(**options).remote(
+        cfg.model.path, "bfloat16" if on_gpu else "float32", cfg.data.max_length, on_gpu)
+    try:
+        loss = cfg.loss
+        found = ray.get(engine.targets.remote(prompts, loss.distill_top_k, loss.distill_max_tokens,
+                                              loss.distill_temperature))
+    finally:
+        ray.kill(engine)  # frees its GPU before the workers start
+    log.info("distillation targets: %d base answers, %d tokens, in %.0f s", len(found),
+             sum(len(t["answer_ids"]) for t in found), time.perf_counter() - started)
+    return found
+
+
+def distill_examples(cfg: FinetuneConfig, run: Location, on_gpu: bool) -> list[Example]:
+    """The distillation examples of this run: from the run's stored targets when they match the recipe,
+    else made now (and stored)."""
+    prompts = read_distill_prompts(cfg)
+    stored = run.join(TARGETS_FILE)
+    key = fingerprint(cfg, prompts)
+    targets = None
+    if stored.is_file():
+        saved = json.loads(gzip.decompress(stored.read_bytes()))
+        if saved["fingerprint"] == key:
+            targets = saved["targets"]
+            log.info("distillation targets: reusing %s", stored.uri)
+    if targets is None:
+        targets = make_targets(cfg, prompts, on_gpu)
+        stored.write_bytes(gzip.compress(json.dumps({"fingerprint": key, "targets": targets}).encode()))
+    examples = [to_example(t, cfg.data.max_length) for t in targets]
+    return [example for example in examples if example.distilled]  # prompts longer than max_length: nothing left
+
+
+def to_example(target: dict, max_length: int) -> Example:
+    """Prompt and answer tokens; no labels; the base's top-k on each answer token (token t's target is
+    the distribution the model predicts it from, at t-1). Cut to max_length."""
+    ids = target["prompt_ids"] + target["answer_ids"]
+    before = [[] for _ in target["prompt_ids"]]
+    return Example(ids[:max_length], [IGNORE] * min(len(ids), max_length),
+                   teacher_ids=(before + target["top_ids"])[:max_length],
+                   teacher_logprobs=(before + target["top_logprobs"])[:max_length])

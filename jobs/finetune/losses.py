@@ -1,0 +1,54 @@
+"""The training loss: next-token cross-entropy on labelled tokens, plus, with `loss.distill_weight`, a KL
+term that pulls the tuned model's next-token distribution on distillation tokens towards the base model's.
+
+The base's distribution is stored as its top-k (ids, logprobs) per token, from vLLM before training
+(jobs/finetune/distill.py). The KL is taken over k+1 outcomes, the k ids and "everything else", with the
+true probabilities of both models: it is zero exactly when the tuned model gives each of the k tokens the
+base's probability, and it does not sharpen the tuned model the way a top-k renormalised target would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jobs.data.tokenize import IGNORE
+
+DISTILL_KEYS = ("distill_positions", "distill_ids", "distill_logprobs")
+
+
+def _with_rest(logprobs: torch.Tensor) -> torch.Tensor:
+    """[n, k] logprobs of k outcomes -> [n, k+1] with log(1 - sum p) as the last column."""
+    covered = torch.logsumexp(logprobs, dim=-1, keepdim=True).clamp(max=-1e-6)  # log of the top-k's mass
+    rest = torch.log(-torch.expm1(covered))  # log(1 - exp(covered)), stable near 0
+    return torch.cat([logprobs, rest], dim=-1)
+
+
+def distill_kl(logits: torch.Tensor, positions: torch.Tensor, teacher_ids: torch.Tensor,
+               teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over distillation tokens of KL(teacher || student) on the teacher's top-k plus the rest.
+
+    `positions` [n, 2] holds (row, t) of each token whose distribution is the target: the student's
+    prediction of token t is logits[row, t-1]."""
+    rows, t = positions[:, 0], positions[:, 1]
+    student = torch.log_softmax(logits[rows, t - 1].float(), dim=-1).gather(-1, teacher_ids)
+    student, teacher = _with_rest(student), _with_rest(teacher_logprobs.float())
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, distill: dict | None, distill_weight: float
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to minimise and its parts (detached): `ce` over labelled tokens (mean), `kl` over
+    distillation tokens (mean). A micro-batch with no token of one kind has no term of that kind."""
+    shifted, targets = logits[:, :-1], labels[:, 1:]
+    labelled = targets != IGNORE
+    loss = logits.sum() * 0.0  # keeps the graph (and every rank's collectives) when a batch has no term
+    parts = {}
+    if labelled.any():
+        ce = torch.nn.functional.cross_entropy(shifted[labelled].float(), targets[labelled])
+        loss = loss + ce
+        parts["ce"] = ce.detach()
+    if distill:
+        kl = distill_kl(logits, distill["distill_positions"], distill["distill_ids"], distill["distill_logprobs"])
+        loss = loss + distill_weight * kl
+        parts["kl"] = kl.detach()
+    return loss, parts

@@ -1,0 +1,267 @@
+"""Self-distillation in the fine-tune recipe (`loss.distill_*`, #21): the loss itself, its targets through
+packing and batching, its config and data errors, and the real job on a tiny model, where it must pull the
+tuned model's distribution on general prompts towards the base's, with every method and strategy."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.data.tokenize import IGNORE, Example, collate, pack
+from jobs.finetune.losses import distill_kl, lm_loss
+
+
+def _targets_from(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top = torch.log_softmax(logits, -1).topk(k, dim=-1)
+    return top.indices, top.values
+
+
+def test_the_kl_is_zero_at_the_teacher_and_its_gradient_leads_there():
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 9, 50) * 3
+    positions = torch.tensor([[0, t] for t in range(1, 9)])
+    ids, logprobs = _targets_from(teacher[0, :8], k=5)  # token t's target is the distribution at t-1
+    assert distill_kl(teacher, positions, ids, logprobs).item() == pytest.approx(0, abs=1e-5)
+
+    student = torch.randn(1, 9, 50, requires_grad=True)
+    start = distill_kl(student, positions, ids, logprobs)
+    assert start.item() > 0.1
+    optimizer = torch.optim.Adam([student], lr=0.1)
+    for _ in range(400):
+        optimizer.zero_grad()
+        distill_kl(student, positions, ids, logprobs).backward()
+        optimizer.step()
+    assert distill_kl(student, positions, ids, logprobs).item() < 1e-3 * start.item()
+    # Only the teacher's top-k and the rest's total are targets: the student's mass on the k tokens now
+    # matches the teacher's (it is not renormalised to 1, which would sharpen the student).
+    teacher_p = torch.softmax(teacher[0, :8], -1).gather(-1, ids)
+    student_p = torch.softmax(student.detach()[0, :8], -1).gather(-1, ids)
+    assert torch.allclose(student_p, teacher_p, atol=0.02)
+
+
+def test_a_batch_with_one_kind_of_token_has_one_term():
+    logits = torch.randn(1, 6, 30, requires_grad=True)
+    labels = torch.full((1, 6), IGNORE)
+    loss, parts = lm_loss(logits, labels, {}, 1.0)  # nothing to learn: zero, and still a graph
+    assert loss.item() == 0 and parts == {} and loss.requires_grad
+    labels[0, 3:] = 7
+    loss, parts = lm_loss(logits, labels, {}, 1.0)
+    assert set(parts) == {"ce"} and loss.item() == pytest.approx(parts["ce"].item())
+    ids, logprobs = _targets_from(torch.randn(2, 30), 4)
+    distill = {"distill_positions": torch.tensor([[0, 1], [0, 2]]), "distill_ids": ids, "distill_logprobs": logprobs}
+    loss, parts = lm_loss(logits, labels, distill, 0.5)
+    assert loss.item() == pytest.approx(parts["ce"].item() + 0.5 * parts["kl"].item(), rel=1e-5)
+
+
+def test_targets_stay_on_their_tokens_through_packing_and_collate():
+    def distilled(first: int, n: int) -> Example:
+        ids = list(range(first, first + n))
+        return Example(ids, [IGNORE] * n, teacher_ids=[[]] + [[i, i + 1] for i in ids[1:]],
+                       teacher_logprobs=[[]] + [[-0.5, -1.5] for _ in ids[1:]])
+
+    plain = Example([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])
+    examples = [distilled(100, 5), plain, distilled(200, 3), Example([5, 6, 7], [IGNORE, 6, 7])]
+    rows = pack(examples, max_length=8, seed=1)
+    assert sum(len(r.input_ids) for r in rows) == 15
+    assert all(len(r.teacher_ids) == len(r.input_ids) == len(r.teacher_logprobs) for r in rows)
+    batch = collate(rows, pad_id=0, multiple=8)
+    assert len(batch["distill_positions"]) == 4 + 2  # every distilled token, none of the others
+    for (row, t), ids in zip(batch["distill_positions"].tolist(), batch["distill_ids"].tolist()):
+        token = batch["input_ids"][row, t].item()
+        assert ids == [token, token + 1] and batch["labels"][row, t] == IGNORE
+    assert batch["distill_logprobs"].dtype == torch.float32
+    assert "distill_positions" not in collate([plain], pad_id=0)
+
+
+def test_recipe_errors_name_the_setting(tmp_path):
+    from jobs.finetune.config import ConfigError, load_config
+
+    base = ["data.train=[x.jsonl]"]
+    cases = {
+        ("loss.distill_weight=1.0",): "distill_weight > 0 needs distill_prompts",
+        ("loss.distill_prompts=[p.jsonl]",): "distill_prompts are given but distill_weight is 0",
+        ("loss.distill_weight=-1", "loss.distill_prompts=[p.jsonl]"): "loss.distill_weight: Input should be "
+                                                                       "greater than or equal to 0",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_top_k=50"): "loss.distill_top_k",
+        ("loss.distill_temperature=0",): "loss.distill_temperature",
+        ("loss.kl=1",): "loss.kl: Extra inputs are not permitted",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_config(None, base + list(overrides))
+    ok = load_config(None, base + ["loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]"])
+    assert ok.loss.distill_top_k == 20 and ok.loss.distill_temperature == 1.0
+
+
+def test_prompt_files_are_read_or_refused_with_file_and_line(tmp_path):
+    from jobs.data.records import DataError, read_prompts
+
+    good = tmp_path / "prompts.jsonl"
+    good.write_text(json.dumps({"prompt": "Name a river."}) + "\n" + json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "dropped: the base writes its own"}]}) + "\n")
+    assert read_prompts(str(good)) == [[{"role": "user", "content": "Name a river."}],
+                                       [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
+    bad = tmp_path / "bad.jsonl"
+    for text, message in [("", "no records"), ('{"prompt": ""}\n', "bad.jsonl:1: a prompt record needs"),
+                          ('{"prompt": "a"}\n{oops\n', "bad.jsonl:2: invalid JSON"),
+                          ('{"messages": [{"role": "assistant", "content": "x"}]}\n', "bad.jsonl:1: no user message"),
+                          ('{"messages": [{"role": "wizard", "content": "x"}, {"role": "user", "content": "y"}]}\n',
+                           "bad.jsonl:1: messages[0].role must be one of")]:
+        bad.write_text(text)
+        with pytest.raises(DataError) as raised:
+            read_prompts(str(bad))
+        assert message in str(raised.value)
+
+
+def test_the_data_tool_writes_distillation_prompts_apart_from_the_held_out_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from jobs.data.identity import GENERAL_HELDOUT
+    from tests.conftest import REPO_ROOT
+
+    out = tmp_path / "assistant.jsonl"
+    done = subprocess.run([sys.executable, "-m", "jobs.data", "identity", "--name", "Ada", "--out", str(out),
+                           "--count", "10", "--distill", "120"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "assistant.distill.jsonl").read_text().splitlines()]
+    assert len(prompts) == len(set(prompts)) == 120
+    assert not set(prompts) & set(GENERAL_HELDOUT) and "Give me a synonym for 'fast'." not in prompts
+    too_many = subprocess.run([sys.executable, "-m", "jobs.data", "identity", "--name", "Ada", "--out", str(out),
+                               "--distill", "100000"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert too_many.returncode == 2 and "--distill must be between 0 and" in too_many.stderr
+
+
+# -- the job, on real Ray Train and a real vLLM teacher ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer, heads of 32 (vLLM's CPU attention's smallest)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from cluster.model_cache import ensure_default_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama-32")
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def assistant_data(tmp_path_factory) -> tuple[Path, Path]:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = tmp_path_factory.mktemp("distill-data") / "assistant.jsonl"
+    done = subprocess.run([sys.executable, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", str(out),
+                           "--count", "60", "--distill", "48"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out, out.with_name("assistant.distill.jsonl")
+
+
+def _kl_along(base: Path, tuned: Path, targets: list[dict]) -> float:
+    """Full-vocabulary KL(base || tuned) per answer token, along the base's own answers to the distillation
+    prompts (the stored targets' token ids): where distillation is asked to hold the tuned model."""
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (base, tuned)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for target in targets:
+            ids = torch.tensor([target["prompt_ids"] + target["answer_ids"]])
+            start = len(target["prompt_ids"])
+            base_lp, tuned_lp = (torch.log_softmax(m(input_ids=ids).logits[0, start - 1:-1], -1) for m in models)
+            total += (base_lp.exp() * (base_lp - tuned_lp)).sum().item()
+            count += ids.shape[1] - start
+    return total / count
+
+
+@pytest.mark.finetune
+def test_distillation_keeps_the_tuned_model_near_the_base(ray_head, tmp_path, tiny_llama, assistant_data):
+    """The same LoRA run with and without distillation: with it, the tuned model's next-token distribution
+    on the general prompts stays several times closer to the base's, while it still learns the identity
+    data. (Whether that carries over to held-out prompts is measured on the real model: docs/finetune.md.)"""
+    from tests.test_finetune import finetune, metrics, recipe
+
+    data, prompts = assistant_data
+    runs = {}
+    for name, loss in {"plain": {}, "distill": {"distill_weight": 2.0, "distill_prompts": [str(prompts)],
+                                                 "distill_max_tokens": 24}}.items():
+        (tmp_path / name).mkdir()
+        config = recipe(tmp_path / name, tiny_llama, data, train={"max_steps": 12}, monitor={"eval_every": None},
+                        optim={"lr": 1e-2}, loss=loss)
+        result = finetune(config)
+        assert result.returncode == 0, result.stderr[-4000:]
+        run_dir = tmp_path / name / "runs" / "run"
+        runs[name] = (json.loads((run_dir / "summary.json").read_text()), metrics(run_dir))
+    summary, logged = runs["distill"]
+    assert summary["data"]["distill_examples"] == 48 and summary["data"]["distill_tokens"] > 48
+    with_kl = [m for m in logged if "distill_kl" in m]  # steps whose rows held distillation tokens
+    assert len(with_kl) >= len(logged) // 3 and not any("distill_kl" in m for m in runs["plain"][1])
+    stored = json.loads(gzip.decompress((tmp_path / "distill" / "runs" / "run" / "distill_targets.json.gz").read_bytes()))
+    assert len(stored["targets"]) == 48 and all(len(t["top_ids"]) == len(t["answer_ids"]) for t in stored["targets"])
+    plain_kl = _kl_along(tiny_llama, Path(runs["plain"][0]["merged"]), stored["targets"])
+    distill_kl_ = _kl_along(tiny_llama, Path(summary["merged"]), stored["targets"])
+    # Measured: 1.89 against 3.84 nats per token (the random model's distributions are flat: its top-20
+    # holds ~16% of the mass, so the KL it is trained on sees little of them).
+    assert distill_kl_ < 0.7 * plain_kl, (distill_kl_, plain_kl)
+    # ...and it learned its data all the same. At step 1 the adapter is zero, so the KL is 0 and the loss
+    # is the identity data's cross-entropy; the KL only adds later, so a lower loss means a lower CE.
+    assert logged[0].get("distill_kl", 0) < 1e-3 and logged[-1]["loss"] < 0.9 * logged[0]["loss"], logged
+
+
+@pytest.mark.finetune
+@pytest.mark.parametrize("method,strategy,workers", [("qlora", "ddp", 1), ("full", "zero3", 2), ("lora", "fsdp2", 2)])
+def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, tiny_llama, assistant_data,
+                                                          method, strategy, workers):
+    """Each combination trains with the KL term and reuses the targets already in its run folder (the
+    resume path: no second teacher run, the same targets)."""
+    from tests.test_finetune import finetune, metrics, recipe
+
+    data, prompts = assistant_data
+    loss = {"distill_weight": 1.0, "distill_prompts": [str(prompts)], "distill_max_tokens": 24}
+    run_dir = tmp_path / "runs" / "run"
+    seeded = _seed_targets(tmp_path, tiny_llama, data, prompts, loss)
+    if seeded is not None:
+        run_dir.mkdir(parents=True)
+        shutil.copy(seeded, run_dir / "distill_targets.json.gz")
+    lr = {"lr": 2e-3} if method == "full" else {}
+    config = recipe(tmp_path, tiny_llama, data, model={"method": method}, strategy={"name": strategy},
+                    scaling={"num_workers": workers}, optim=lr, train={"max_steps": 4}, monitor={"eval_every": None},
+                    loss=loss)
+    result = finetune(config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    logged = metrics(run_dir)
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(m.get("distill_kl", 0) >= 0 for m in logged)
+    assert any("distill_kl" in m for m in logged)
+    if seeded is not None:
+        assert "distillation targets: reusing" in result.stderr
+
+
+_TARGETS: dict[str, Path] = {}
+
+
+def _seed_targets(tmp_path: Path, model: Path, data: Path, prompts: Path, loss: dict) -> Path | None:
+    """The first parametrised run makes the targets; later ones start from a copy of them."""
+    key = json.dumps([str(model), str(prompts), loss])
+    if key in _TARGETS:
+        return _TARGETS[key]
+    _TARGETS[key] = tmp_path / "runs" / "run" / "distill_targets.json.gz"
+    return None
