@@ -54,12 +54,33 @@ def first_words(text: str, count: int = 5) -> str:
     return " ".join(normalise(text).split()[:count])
 
 
+def base_figures(base: str, pairs: list[tuple[str, str]], questions: list[str], max_tokens: int):
+    """Where the base model's half of an evaluation is kept: the same for every fine-tune of that base,
+    so the gate after each fine-tune runs one model, not two. Keyed by the base's files (their sizes and
+    times), the questions, the GSM8K answers and the settings; in storage, so any node's driver finds it."""
+    import hashlib
+
+    from cluster.model_cache import resolve_model_path
+    from cluster.storage import fingerprint, is_uri
+
+    folder = locate(base if is_uri(base) else resolve_model_path(base))
+    if not folder.exists():
+        return None  # a hub id or a path another node holds: nothing to key it by here
+    key = hashlib.sha256(json.dumps([EVALUATION_VERSION, base, fingerprint(folder), pairs, questions,
+                                     max_tokens]).encode()).hexdigest()[:20]
+    return locate(f"cache/assistant_eval/base-{key}.json")
+
+
+EVALUATION_VERSION = 2  # bump when what the base's figures are made of changes
+
+
 def evaluate(base: str, tuned: str, identity_qs: list[str], general_qs: list[str], owner: str,
              ppl_limit: int | None, max_tokens: int) -> tuple[dict, dict[str, list[str]], list[str]]:
     """Base and tuned side by side (needs a connected Ray): the result (rows of figures), every answer per
     model, and the questions in order. Each model gets one vLLM engine for its answers and its GSM8K
-    perplexity (prompt logprobs: one prefill per answer); then one task measures the token KL of the tuned
-    model from the base on the base's general answers."""
+    perplexity (prompt logprobs: one prefill per answer), the base only once per base, questions and
+    settings (base_figures); then one task measures the token KL of the tuned model from the base on the
+    base's general answers."""
     import ray
 
     from jobs.data.identity import names_owner
@@ -71,7 +92,14 @@ def evaluate(base: str, tuned: str, identity_qs: list[str], general_qs: list[str
     rows, outputs = {}, {}
     for name, path in {"base": base, "tuned": tuned}.items():  # engines resolve the models on their own nodes
         started = time.perf_counter()
-        nll, tokens, replies = answer_nll_and_answers(path, pairs, questions, max_tokens)
+        cached = base_figures(path, pairs, questions, max_tokens) if name == "base" else None
+        if cached is not None and cached.is_file():
+            nll, tokens, replies = json.loads(cached.read_text())
+            log.info("base figures reused from %s", cached.uri)
+        else:
+            nll, tokens, replies = answer_nll_and_answers(path, pairs, questions, max_tokens)
+            if cached is not None:
+                cached.write_text(json.dumps([nll, tokens, replies]))
         outputs[name] = replies
         rows[name] = {"model": name, "identity": sum(names_owner(r, owner) for r in replies[:len(identity_qs)])
                       / len(identity_qs), "gsm8k_ppl": round(math.exp(nll / tokens), 4),

@@ -74,6 +74,9 @@ class LossSection(Strict):
     distill_top_k: int = Field(20, ge=1, le=20)  # vLLM returns at most 20 logprobs per token by default
     distill_max_tokens: int = Field(128, ge=1)  # of each base answer
     distill_temperature: float = Field(1.0, gt=0)  # 1: the answers follow the base's own distribution
+    # Also learn the base's sampled tokens (cross-entropy). The top-k covers the head of the base's
+    # distribution exactly; samples at temperature 1 cover all of it, tail included, in expectation.
+    distill_sample_ce: bool = True
 
     @model_validator(mode="after")
     def _prompts_with_weight(self) -> "LossSection":

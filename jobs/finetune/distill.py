@@ -106,15 +106,17 @@ def distill_examples(cfg: FinetuneConfig, run: Location, on_gpu: bool) -> list[E
     if targets is None:
         targets = make_targets(cfg, prompts, on_gpu)
         stored.write_bytes(gzip.compress(json.dumps({"fingerprint": key, "targets": targets}).encode()))
-    examples = [to_example(t, cfg.data.max_length) for t in targets]
+    examples = [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce) for t in targets]
     return [example for example in examples if example.distilled]  # prompts longer than max_length: nothing left
 
 
-def to_example(target: dict, max_length: int) -> Example:
-    """Prompt and answer tokens; no labels; the base's top-k on each answer token (token t's target is
-    the distribution the model predicts it from, at t-1). Cut to max_length."""
+def to_example(target: dict, max_length: int, sample_ce: bool = True) -> Example:
+    """Prompt and answer tokens; the base's top-k on each answer token (token t's target is the
+    distribution the model predicts it from, at t-1), and the sampled tokens as labels with `sample_ce`.
+    Cut to max_length."""
     ids = target["prompt_ids"] + target["answer_ids"]
     before = [[] for _ in target["prompt_ids"]]
-    return Example(ids[:max_length], [IGNORE] * min(len(ids), max_length),
+    answer_labels = target["answer_ids"] if sample_ce else [IGNORE] * len(target["answer_ids"])
+    return Example(ids[:max_length], ([IGNORE] * len(before) + answer_labels)[:max_length],
                    teacher_ids=(before + target["top_ids"])[:max_length],
                    teacher_logprobs=(before + target["top_logprobs"])[:max_length])
