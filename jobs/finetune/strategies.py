@@ -152,6 +152,7 @@ class DeepSpeedStrategy(Strategy):
         self.device = device
         self.half_dtype = half_dtype(model)
         self.base = model
+        self.loss_parts: dict[str, torch.Tensor] = {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         stage = 3 if cfg.strategy.name == "zero3" else 2
         zero: dict = {"stage": stage}
@@ -235,6 +236,7 @@ class FSDP2Strategy(Strategy):
         self.device = device
         self.half_dtype = half_dtype(model)
         self.base = self.model = self._wrap(model)  # shard first: the optimizer must see the DTensors
+        self.loss_parts: dict[str, torch.Tensor] = {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
