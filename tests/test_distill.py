@@ -144,21 +144,10 @@ def test_the_data_tool_writes_distillation_prompts_apart_from_the_held_out_ones(
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer, heads of 32 (vLLM's CPU attention's smallest)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """test_finetune's tiny Llama with heads of 32 (vLLM's CPU attention's smallest), so the teacher runs."""
+    from tests.test_finetune import write_tiny_llama
 
-    from cluster.model_cache import ensure_default_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama-32")
-    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-32"), heads=2, kv_heads=1)
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,7 @@ def _head(ray_head):
     return ray_head
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
+def write_tiny_llama(folder: Path, heads: int = 4, kv_heads: int = 2) -> Path:
     """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template. Initialised wide
     (std 0.3): with the default 0.02 the frozen tied embeddings cap every logit near 1, so LoRA alone
     could not move the loss off uniform."""
@@ -40,16 +39,20 @@ def tiny_llama(tmp_path_factory) -> Path:
 
     from cluster.model_cache import ensure_default_model
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                          tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

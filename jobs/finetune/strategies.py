@@ -56,7 +56,6 @@ class Strategy:
         self.device = device
         self.half_dtype = half_dtype(model)
         self.base = model  # the unwrapped (peft or HF) model
-        self.loss_parts: dict[str, torch.Tensor] = {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
@@ -75,8 +74,10 @@ class Strategy:
         return DistributedDataParallel(model, device_ids=ids)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """The micro-batch's loss; with distillation on, its parts go to `self.loss_parts`."""
+        """The micro-batch's loss; its parts (with distillation on) go to `self.loss_parts`. Every strategy
+        shares this forward, so each gets `loss_parts` here, whatever its own __init__ does."""
         distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
+        self.loss_parts: dict[str, torch.Tensor] = {}
         with self.autocast():
             if not self.cfg.loss.distill_weight:  # plain fine-tuning: the model's own loss
                 return self.model(**batch, use_cache=False).loss
@@ -152,7 +153,6 @@ class DeepSpeedStrategy(Strategy):
         self.device = device
         self.half_dtype = half_dtype(model)
         self.base = model
-        self.loss_parts: dict[str, torch.Tensor] = {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         stage = 3 if cfg.strategy.name == "zero3" else 2
         zero: dict = {"stage": stage}
@@ -236,7 +236,6 @@ class FSDP2Strategy(Strategy):
         self.device = device
         self.half_dtype = half_dtype(model)
         self.base = self.model = self._wrap(model)  # shard first: the optimizer must see the DTensors
-        self.loss_parts: dict[str, torch.Tensor] = {}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
