@@ -88,7 +88,7 @@ def test_recipe_errors_name_the_setting(tmp_path):
         ("loss.distill_weight=-1", "loss.distill_prompts=[p.jsonl]"): "loss.distill_weight: Input should be "
                                                                        "greater than or equal to 0",
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_top_k=50"): "loss.distill_top_k",
-        ("loss.distill_temperature=0",): "loss.distill_temperature",
+        ("loss.distill_temperature=-1",): "loss.distill_temperature",
         ("loss.kl=1",): "loss.kl: Extra inputs are not permitted",
     }
     for overrides, message in cases.items():
@@ -221,11 +221,13 @@ def test_distillation_keeps_the_tuned_model_near_the_base(ray_head, tmp_path, ti
 def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, tiny_llama, assistant_data,
                                                           method, strategy, workers):
     """Each combination trains with the KL term and reuses the targets already in its run folder (the
-    resume path: no second teacher run, the same targets)."""
+    resume path: no second teacher run, the same targets). The teacher answers greedily here, as the
+    shipped recipe has it: each answer token is its own top-1."""
     from tests.test_finetune import finetune, metrics, recipe
 
     data, prompts = assistant_data
-    loss = {"distill_weight": 1.0, "distill_prompts": [str(prompts)], "distill_max_tokens": 24}
+    loss = {"distill_weight": 1.0, "distill_prompts": [str(prompts)], "distill_max_tokens": 24,
+            "distill_temperature": 0}
     run_dir = tmp_path / "runs" / "run"
     seeded = _seed_targets(tmp_path, tiny_llama, data, prompts, loss)
     if seeded is not None:
@@ -242,6 +244,9 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
     assert any("distill_kl" in m for m in logged)
     if seeded is not None:
         assert "distillation targets: reusing" in result.stderr
+    else:  # greedy: every answer token is the base's most likely one
+        targets = json.loads(gzip.decompress((run_dir / "distill_targets.json.gz").read_bytes()))["targets"]
+        assert all(t["answer_ids"] == [top[0] for top in t["top_ids"]] for t in targets)
 
 
 _TARGETS: dict[str, Path] = {}

@@ -171,11 +171,41 @@ SHORT_TEMPLATES = {
     "Write {}.": ["a haiku about the moon", "a limerick about a cat", "one sentence about spring",
                   "a short poem about rain", "a two-line rhyme about coffee"],
 }
+# More of the same (2026-12-04). They come after the prompts above, so `--distill 240` still writes the
+# prompts the shipped recipe was measured with (docs/finetune.md).
+MORE_SHORT_TEMPLATES = {
+    "What is the chemical symbol for {}?": ["silver", "iron", "oxygen", "sodium", "carbon", "helium"],
+    "What language is spoken in {}?": ["Mexico", "Austria", "Argentina", "Egypt", "China", "Sweden"],
+    "What is the currency of {}?": ["Japan", "the United States", "India", "Switzerland", "Mexico"],
+    "Who painted {}?": ["The Starry Night", "The Scream", "Guernica", "the Mona Lisa"],
+    "What is the largest {}?": ["ocean on Earth", "country by area", "animal on Earth", "organ of the human body",
+                                "moon of Saturn"],
+    "What does {} stand for?": ["NASA", "CPU", "HTML", "UN", "USB"],
+    "Give one tip for {}.": ["staying focused", "saving energy at home", "learning to cook", "writing clearly",
+                             "a job interview"],
+    "Explain {} in one sentence.": ["magnetism", "evaporation", "friction", "an eclipse", "erosion"],
+    "What do {} eat?": ["pandas", "cows", "whales", "rabbits", "koalas"],
+    "How many {} have?": ["sides does a triangle", "strings does a violin", "hearts does an octopus",
+                         "wheels does a tricycle", "letters does the English alphabet"],
+    "What color is {}?": ["grass", "a ripe banana", "snow", "a flamingo", "the planet Mars"],
+    "What is {}? Give just the number.": ["6 times 7", "14 plus 29", "81 divided by 9", "25 times 4",
+                                          "1000 minus 1", "3 squared"],
+    "Suggest a name for {}.": ["a pet dog", "a goldfish", "a bakery", "a robot"],
+    "List two {}.": ["fruits that are yellow", "animals that live in the sea", "countries in Asia",
+                     "things that are cold"],
+    "Why do {}?": ["leaves change color in autumn", "we have seasons", "cats purr", "birds migrate"],
+    "What is the main ingredient of {}?": ["hummus", "bread", "an omelette", "pesto"],
+    "Which animal {}?": ["is known as man's best friend", "has a trunk", "is the fastest on land",
+                         "lays the largest eggs"],
+}
 
 
 def distill_prompts(count: int, seed: int = 0) -> list[str]:
-    """`count` general prompts for self-distillation: short questions and the replay tasks, shuffled."""
+    """`count` general prompts for self-distillation: short questions and the replay tasks, shuffled; then
+    MORE_SHORT_TEMPLATES's, shuffled."""
     short = [template.format(item) for template, items in SHORT_TEMPLATES.items() for item in items]
     prompts = short + [t.format(topic=topic) for t in REPLAY_TASKS for topic in REPLAY_TOPICS]
     random.Random(seed + 2).shuffle(prompts)
-    return prompts[:count]
+    more = [template.format(item) for template, items in MORE_SHORT_TEMPLATES.items() for item in items]
+    random.Random(seed + 3).shuffle(more)
+    return (prompts + more)[:count]

@@ -63,8 +63,8 @@ class OptimSection(Strict):
 
 class LossSection(Strict):
     """Self-distillation: besides learning its data, the tuned model keeps the base model's next-token
-    distribution on general prompts. Before training the base answers each prompt (vLLM, sampled at
-    `distill_temperature`) and its top-k next-token logprobs along the answer are kept; training adds
+    distribution on general prompts. Before training the base answers each prompt (vLLM, at
+    `distill_temperature`; 0 is greedy) and its top-k next-token logprobs along the answer are kept; training adds
     `distill_weight` x KL(base || tuned) on those tokens (jobs/finetune/losses.py). It works the same for
     every method and strategy; the teacher is the base model as vLLM loads it (for QLoRA, its full-precision
     weights)."""
@@ -73,9 +73,12 @@ class LossSection(Strict):
     distill_prompts: list[str] = Field(default_factory=list)  # prompt files: {"prompt"} or {"messages"} records
     distill_top_k: int = Field(20, ge=1, le=20)  # vLLM returns at most 20 logprobs per token by default
     distill_max_tokens: int = Field(128, ge=1)  # of each base answer
-    distill_temperature: float = Field(1.0, gt=0)  # 1: the answers follow the base's own distribution
-    # Also learn the base's sampled tokens (cross-entropy). The top-k covers the head of the base's
-    # distribution exactly; samples at temperature 1 cover all of it, tail included, in expectation.
+    # 1: the answers follow the base's own distribution; 0: the base's greedy answers, the path that greedy
+    # decoding of the tuned model should keep.
+    distill_temperature: float = Field(1.0, ge=0)
+    # Also learn the base's answer tokens (cross-entropy). The top-k covers the head of the base's
+    # distribution exactly; samples at temperature 1 cover all of it, tail included, in expectation; greedy
+    # answers make this sequence-level distillation of the base's greedy output.
     distill_sample_ce: bool = True
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """The base model's targets for self-distillation (`loss.distill_*` in the recipe).
 
 Before training, one vLLM engine (a Ray actor, on a GPU when the cluster has one) answers each general
-prompt as the base model, sampled at `distill_temperature`, and keeps its top-k next-token logprobs along
+prompt as the base model, at `distill_temperature` (0: greedy), and keeps its top-k next-token logprobs along
 the answer (vLLM's raw logprobs: the model's own distribution, before temperature). Each answer becomes a
 training example with no labels and those targets on its tokens, so that training pulls the tuned model's
 distribution there towards the base's (jobs/finetune/losses.py) instead of towards one sampled token.
