@@ -221,8 +221,8 @@ def test_distillation_keeps_the_tuned_model_near_the_base(ray_head, tmp_path, ti
 def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, tiny_llama, assistant_data,
                                                           method, strategy, workers):
     """Each combination trains with the KL term and reuses the targets already in its run folder (the
-    resume path: no second teacher run, the same targets). The teacher answers greedily here, as the
-    shipped recipe has it: each answer token is its own top-1."""
+    resume path: no second teacher run, the same targets). The teacher answers greedily here
+    (`distill_temperature=0`; the shipped recipe samples at 1): each answer token is its own top-1."""
     from tests.test_finetune import finetune, metrics, recipe
 
     data, prompts = assistant_data

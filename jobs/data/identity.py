@@ -203,9 +203,11 @@ MORE_SHORT_TEMPLATES = {
 def distill_prompts(count: int, seed: int = 0) -> list[str]:
     """`count` general prompts for self-distillation: short questions and the replay tasks, shuffled; then
     MORE_SHORT_TEMPLATES's, shuffled."""
-    short = [template.format(item) for template, items in SHORT_TEMPLATES.items() for item in items]
-    prompts = short + [t.format(topic=topic) for t in REPLAY_TASKS for topic in REPLAY_TOPICS]
+    def filled(templates: dict[str, list[str]]) -> list[str]:
+        return [template.format(item) for template, items in templates.items() for item in items]
+
+    prompts = filled(SHORT_TEMPLATES) + [t.format(topic=topic) for t in REPLAY_TASKS for topic in REPLAY_TOPICS]
     random.Random(seed + 2).shuffle(prompts)
-    more = [template.format(item) for template, items in MORE_SHORT_TEMPLATES.items() for item in items]
+    more = filled(MORE_SHORT_TEMPLATES)
     random.Random(seed + 3).shuffle(more)
     return (prompts + more)[:count]
