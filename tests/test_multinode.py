@@ -249,6 +249,26 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
     assert not list((tmp_path / "mn").glob("checkpoint_*"))
 
 
+def test_distillation_job_trains_on_two_nodes_from_targets_in_storage(cluster):
+    """The recipe's self-distillation on the cluster: the base's answers are made by a teacher engine on
+    some node and kept in storage, and both training workers, one per worker node, train with them."""
+    cluster.run(PYTHON, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", "data/mnd.jsonl",
+                "--count", "12", "--distill", "8")  # identity alone must fill a step's 2 rows
+    assert cluster.storage_text("data/mnd.distill.jsonl").count("\n") == 8
+    distill = [override for override in FAST if not override.startswith(("loss.", "output."))] + [
+        "output.name=mnd", "data.train=[data/mnd.jsonl]", "loss.distill_weight=2",
+        "loss.distill_prompts=[data/mnd.distill.jsonl]", "loss.distill_max_tokens=16", "train.max_steps=2"]
+    result = cluster.run(str(BIN / JOB[0]), *JOB[1:], *distill, env={"PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert "distillation targets: 8 base answers" in result.stdout, result.stdout[-3000:]
+    count = ("import gzip, json, sys; from cluster.storage import locate; "
+             "print(len(json.loads(gzip.decompress(locate(sys.argv[1]).read_bytes()))['targets']))")
+    assert cluster.run(PYTHON, "-c", count, "runs/finetune/mnd/distill_targets.json.gz").stdout.strip() == "8"
+    attempt = _attempts(cluster, "mnd")[0]
+    assert set(attempt["node_ips"]) == {cluster.node_ip(1), cluster.node_ip(2)}, attempt
+    metrics = _metrics(cluster, "mnd")
+    assert [m["step"] for m in metrics] == [1, 2] and any("distill_kl" in m for m in metrics), metrics
+
+
 def test_evaluate_job_reads_and_writes_storage(cluster):
     """`ray job submit ... jobs.evaluate` with the dataset and the model in storage; results land there."""
     from cluster.model_cache import ensure_default_model
