@@ -151,14 +151,26 @@ def test_a_session_keeps_to_one_replica_and_sessions_spread(prefix_handle):
 
 
 def test_a_loaded_replica_is_avoided_even_with_a_match(prefix_handle):
+    key = routing_key("chat", _turns(7, 1)[0])
     body = {**_turns(7, 1)[0], "hold_s": 3}
     home = _ask(prefix_handle, _turns(7, 1)[0])
-    with ThreadPoolExecutor(12) as pool:
-        counts = Counter(pool.map(lambda _: _ask(prefix_handle, body), range(12)))
-    assert len(counts) == REPLICAS and counts[home] == max(counts.values()), counts
-    # held for 3 s, the 12 requests were in flight together: none took more than its load gap (plus one, as
-    # routing tasks may read the queue lengths before the other's request is counted)
-    assert max(counts.values()) - min(counts.values()) <= LOAD_GAP + 2, counts
+    bursts = []
+    # Twice at most: on a busy 2-core CI machine one of Serve's 100-ms queue-length probes can time out, and
+    # Serve then sends that request to the next replica in the key's order. A router that does not prefer
+    # the home, or does not spill, fails both bursts.
+    for _ in range(2):
+        with ThreadPoolExecutor(12) as pool:
+            counts = Counter(pool.map(lambda _: _ask(prefix_handle, body), range(12)))
+        bursts.append(counts)
+        assert len(counts) == REPLICAS, bursts  # the home was loaded: the others took requests
+        assert rendezvous_order(key, sorted(counts))[0] == home, (home, bursts)  # the unloaded ask went home
+        # held for 3 s, the 12 requests were in flight together: none took more than its load gap (plus one,
+        # as routing tasks may read the queue lengths before the other's request is counted)
+        assert max(counts.values()) - min(counts.values()) <= LOAD_GAP + 2, bursts
+        if counts[home] == max(counts.values()):  # and the key's own replica still took the most
+            break
+    else:
+        raise AssertionError(f"the home replica {home} did not take the most requests in either burst: {bursts}")
     # Load even again: home. Serve's queue-length cache and the router's own count both trail the finished
     # requests by a moment, so the next turn may still spill; within a few seconds it must be home.
     answered = [_ask(prefix_handle, _turns(7, 2)[1])]
