@@ -69,10 +69,14 @@ def test_max_tokens_not_positive(http, max_tokens):
 
 
 def test_max_tokens_above_context_is_capped(client):
-    """max_tokens is an upper bound: past the context that is left, vLLM caps it there (documented)."""
-    reply = client.chat.completions.create(model=MODEL_ID, messages=GOOD["messages"], max_tokens=TEST_MAX_MODEL_LEN,
+    """max_tokens is an upper bound: past the context that is left, vLLM caps it there (documented). The
+    prompt fills all but the last few dozen tokens of the context, so the cap is reached in seconds (a short
+    prompt made this test generate ~1,000 tokens: a minute on a 2-core CPU)."""
+    long_prompt = [{"role": "user", "content": "hello " * (TEST_MAX_MODEL_LEN - 100)}]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=long_prompt, max_tokens=TEST_MAX_MODEL_LEN,
                                            extra_body={"ignore_eos": True})
     assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens > TEST_MAX_MODEL_LEN - 150  # the context left was small, not zero
     assert reply.usage.prompt_tokens + reply.usage.completion_tokens == TEST_MAX_MODEL_LEN
 
 
