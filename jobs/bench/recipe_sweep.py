@@ -11,7 +11,7 @@ The teacher is the base under transformers `generate` (temperature 1, raw top-20
 `jobs.finetune`. A plain transformers + peft loop, made for a GPU: a variant takes about 60-90 s on one H200.
 
     python -m jobs.data identity --name Crohcirtep --out data/assistant.jsonl --count 600 --distill 406
-    python -m jobs.bench.recipe_sweep --model /tmp/smol --data data --gsm8k ../shared/data/gsm8k/test.jsonl \\
+    python -m jobs.bench.recipe_sweep --model /tmp/smol --data data \\
         --variants '[{"name": "recipe", "w": 20}, {"name": "openings", "w": 30, "greedy_openings": 8}]'
 
 Variant keys (defaults are the recipe): name, seed (0: the teacher's samples, data order, adapter init),
@@ -31,34 +31,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+from jobs.evaluate.gsm8k import DEFAULT_GSM8K
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class Sweep:
-    def __init__(self, model: str, data: Path, gsm8k: Path, device: str, smoke: bool):
+    def __init__(self, model: str, data: str, gsm8k: Path, device: str, smoke: bool):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from jobs.data.records import read_conversations, read_prompts
+        from jobs.evaluate.assistant import read_heldout
 
         self.model_path, self.device, self.smoke = model, device, smoke
         self.tok = AutoTokenizer.from_pretrained(model)
         self.tok.padding_side = "left"  # batched generation
         self.eos = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
-        heldout = _lines(data / "assistant.heldout.jsonl")
-        self.identity_qs = [r["question"] for r in heldout if r["kind"] == "identity"]
-        self.general_qs = [r["question"] for r in heldout if r["kind"] == "general"]
-        self.owner = next(r["owner"] for r in heldout if r["kind"] == "identity")
-        self.conversations = [r["messages"] for r in _lines(data / "assistant.jsonl")]
-        self.prompts = [r["prompt"] for r in _lines(data / "assistant.distill.jsonl")]
-        self.gsm8k = _lines(gsm8k)[:200]
+        # the recipe's files, read as the jobs read them: local paths or storage URIs
+        self.identity_qs, self.general_qs, self.owner = read_heldout(f"{data}/assistant.heldout.jsonl")
+        self.conversations = read_conversations(f"{data}/assistant.jsonl")
+        self.prompts = read_prompts(f"{data}/assistant.distill.jsonl")
+        self.gsm8k = [json.loads(line) for line in gsm8k.read_text().splitlines() if line.strip()][:200]
         if smoke:  # a few of each, to check the harness on a CPU
             self.identity_qs, self.general_qs, self.gsm8k = self.identity_qs[:3], self.general_qs[:3], self.gsm8k[:2]
             self.conversations, self.prompts = self.conversations[:6], self.prompts[:4]
@@ -78,16 +77,16 @@ class Sweep:
 
         return sum(names_owner(a, self.owner) for a in answers) / max(1, len(answers))
 
-    def generate(self, model, prompts: list[str], max_new: int, sample: bool, seed: int = 0, top_k: int = 20,
+    def generate(self, model, prompts: list[list[dict]], max_new: int, sample: bool, seed: int = 0, top_k: int = 20,
                  logprobs: bool = False, batch: int = 128) -> list[dict]:
-        """Answers as token ids up to and including <|im_end|>; with `logprobs`, the raw top-k per token."""
+        """Answers to chat prompts as token ids up to and including <|im_end|>; with `logprobs`, the raw top-k
+        per token."""
         import torch
 
         found = []
         for start in range(0, len(prompts), batch):
-            chunk = [self.tok(self.tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                           add_generation_prompt=True),
-                              add_special_tokens=False)["input_ids"] for q in prompts[start:start + batch]]
+            chunk = [self.tok(self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                              add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch]]
             width = max(map(len, chunk))
             ids = torch.tensor([[self.pad] * (width - len(c)) + c for c in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=self.device)
@@ -108,7 +107,8 @@ class Sweep:
         return found
 
     def answers(self, model) -> list[str]:
-        records = self.generate(model, self.identity_qs + self.general_qs, self.answer_tokens, sample=False)
+        questions = [[{"role": "user", "content": q}] for q in self.identity_qs + self.general_qs]
+        records = self.generate(model, questions, self.answer_tokens, sample=False)
         return [self.tok.decode([t for t in r["answer_ids"] if t != self.eos], skip_special_tokens=True).strip()
                 for r in records]
 
@@ -148,7 +148,7 @@ class Sweep:
                 count += len(ids) - start
         return total / max(count, 1)
 
-    def targets(self, seed: int, prompts: list[str], max_tokens: int, greedy: bool = False) -> list[dict]:
+    def targets(self, seed: int, prompts: list[list[dict]], max_tokens: int, greedy: bool = False) -> list[dict]:
         key = (seed, len(prompts), max_tokens, greedy)
         if key not in self.teacher:
             self.teacher[key] = self.generate(self.base, prompts, max_tokens, sample=not greedy, seed=1000 + seed,
@@ -162,8 +162,11 @@ class Sweep:
 
         from jobs.data.tokenize import collate, pack, tokenize_conversations
         from jobs.evaluate.assistant import first_words, normalise
+        from jobs.finetune.config import OptimSection
         from jobs.finetune.distill import to_example
+        from jobs.finetune.loop import worker_rows
         from jobs.finetune.losses import DISTILL_KEYS, lm_loss
+        from jobs.finetune.strategies import lr_lambda
 
         started = time.time()
         seed, weight = variant.get("seed", 0), variant.get("w", 20.0)
@@ -190,16 +193,15 @@ class Sweep:
                                                  lora_dropout=0.05, target_modules=variant.get("targets", PROJECTIONS),
                                                  task_type="CAUSAL_LM"))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=variant.get("lr", 2e-4), weight_decay=0.0)
-        warmup = math.ceil(0.03 * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup if step < warmup else
-                                                      0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+        optim = OptimSection(lr=variant.get("lr", 2e-4))  # the recipe's optimiser and schedule otherwise
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(SimpleNamespace(optim=optim), total))
         model.train()
         steps = 0
         for data, epoch in plan:
-            order = list(data)
-            random.Random(seed * 1000 + epoch).shuffle(order)
-            for step in range(len(order) // accumulation):
+            per_epoch = len(data) // accumulation
+            order = worker_rows(data, epoch, seed, 0, 1, per_epoch * accumulation)  # the loop's data order
+            for step in range(per_epoch):
                 for row in order[step * accumulation:(step + 1) * accumulation]:
                     batch = {k: v.to(self.device) for k, v in collate([row], self.pad).items()}
                     distill = {k: batch[k] for k in DISTILL_KEYS if k in batch}
@@ -207,7 +209,7 @@ class Sweep:
                     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
                     loss, _ = lm_loss(logits, batch["labels"], distill or None, weight)
                     (loss / accumulation).backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -237,9 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench.recipe_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the base model's Hugging Face folder")
-    parser.add_argument("--data", type=Path, default=Path("data"),
-                        help="folder with assistant.jsonl, assistant.heldout.jsonl, assistant.distill.jsonl")
-    parser.add_argument("--gsm8k", type=Path, required=True, help="GSM8K test JSONL (the first 200 answers are used)")
+    parser.add_argument("--data", default="data", help="folder (a local path or storage URI) with assistant.jsonl, "
+                        "assistant.heldout.jsonl and assistant.distill.jsonl, as `jobs.data identity` writes them")
+    parser.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K,
+                        help="GSM8K test JSONL; the first 200 answers are used (default: %(default)s)")
     parser.add_argument("--variants", required=True, help="a JSON list of variants, or a file holding one")
     parser.add_argument("--out", type=Path, help="write every result here (JSON), after each variant")
     parser.add_argument("--device", default="cuda")
