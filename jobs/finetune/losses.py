@@ -35,20 +35,42 @@ def distill_kl(logits: torch.Tensor, positions: torch.Tensor, teacher_ids: torch
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, distill: dict | None, distill_weight: float
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_positions(labels: torch.Tensor, distill: dict | None) -> torch.Tensor:
+    """The sequence positions whose logits the loss reads, sorted: the one before each labelled or distilled
+    token, in any row. The model computes logits only there (`logits_to_keep`): prompts and packing
+    filler need none, and the output layer and softmax over the whole vocabulary are a large share of a
+    small model's step on a CPU."""
+    used = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(-1)
+    if distill:
+        used = torch.cat([used, distill["distill_positions"][:, 1] - 1])
+    used = torch.unique(used)
+    return used if len(used) else torch.zeros(1, dtype=torch.long, device=labels.device)  # keeps a graph
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, distill: dict | None, distill_weight: float,
+            positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to minimise and its parts (detached): `ce` over labelled tokens (mean), `kl` over
-    distillation tokens (mean). A micro-batch with no token of one kind has no term of that kind."""
-    shifted, targets = logits[:, :-1], labels[:, 1:]
+    distillation tokens (mean). A micro-batch with no token of one kind has no term of that kind.
+
+    `logits` are the model's at every position, or, with `positions` (from `loss_positions`), at those only."""
+    length = labels.shape[1]
+    if positions is None:
+        positions, logits = torch.arange(length - 1, device=labels.device), logits[:, :-1]
+    targets = labels[:, positions + 1]  # logits[:, i] predict the token after positions[i]
     labelled = targets != IGNORE
     loss = logits.sum() * 0.0  # keeps the graph (and every rank's collectives) when a batch has no term
     parts = {}
     if labelled.any():
-        ce = torch.nn.functional.cross_entropy(shifted[labelled].float(), targets[labelled])
+        ce = torch.nn.functional.cross_entropy(logits[labelled].float(), targets[labelled])
         loss = loss + ce
         parts["ce"] = ce.detach()
     if distill:
-        kl = distill_kl(logits, distill["distill_positions"], distill["distill_ids"], distill["distill_logprobs"])
+        # distill_kl reads token t's prediction at t-1: give it (row, index among `positions` + 1)
+        index = torch.full((length,), -1, dtype=torch.long, device=labels.device)
+        index[positions] = torch.arange(len(positions), device=labels.device)
+        rows, t = distill["distill_positions"][:, 0], distill["distill_positions"][:, 1]
+        kl = distill_kl(logits, torch.stack([rows, index[t - 1] + 1], dim=1), distill["distill_ids"],
+                        distill["distill_logprobs"])
         loss = loss + distill_weight * kl
         parts["kl"] = kl.detach()
     return loss, parts

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.finetune.config import FinetuneConfig
-from jobs.finetune.losses import DISTILL_KEYS, lm_loss
+from jobs.finetune.losses import DISTILL_KEYS, lm_loss, loss_positions
 
 
 def lr_lambda(cfg: FinetuneConfig, total_steps: int):
@@ -79,11 +79,10 @@ class Strategy:
         distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
         self.loss_parts: dict[str, torch.Tensor] = {}
         with self.autocast():
-            if not self.cfg.loss.distill_weight:  # plain fine-tuning: the model's own loss
-                return self.model(**batch, use_cache=False).loss
             labels = batch.pop("labels")
-            logits = self.model(**batch, use_cache=False).logits
-            loss, self.loss_parts = lm_loss(logits, labels, distill, self.cfg.loss.distill_weight)
+            positions = loss_positions(labels, distill)
+            logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
+            loss, self.loss_parts = lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions)
             return loss
 
     def autocast(self):
