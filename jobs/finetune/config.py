@@ -80,6 +80,10 @@ class LossSection(Strict):
     # distribution exactly; samples at temperature 1 cover all of it, tail included, in expectation; greedy
     # answers make this sequence-level distillation of the base's greedy output.
     distill_sample_ce: bool = True
+    # Also distil the first k tokens of the base's greedy answer to each prompt (KL only, one more short
+    # example per prompt). Greedy decoding of the tuned model parts from the base's mostly where an answer
+    # opens, and once it has, the rest of the answer follows the new opening (docs/finetune.md). 0: off.
+    distill_opening_tokens: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _prompts_with_weight(self) -> "LossSection":
@@ -88,6 +92,9 @@ class LossSection(Strict):
         if self.distill_prompts and self.distill_weight == 0:
             raise ValueError("distill_prompts are given but distill_weight is 0, so they would be ignored; "
                              "set distill_weight (1.0 is a good start)")
+        if self.distill_opening_tokens and not self.distill_prompts:
+            raise ValueError("distill_opening_tokens needs distill_prompts and distill_weight: the openings are "
+                             "the base's answers to those prompts")
         return self
 
 

@@ -5,6 +5,8 @@ prompt as the base model, at `distill_temperature` (0: greedy), and keeps its to
 the answer (vLLM's raw logprobs: the model's own distribution, before temperature). Each answer becomes a
 training example with no labels and those targets on its tokens, so that training pulls the tuned model's
 distribution there towards the base's (jobs/finetune/losses.py) instead of towards one sampled token.
+With `distill_opening_tokens` = k the same engine also answers each prompt greedily up to k tokens: one more
+short example per prompt, on how the base's greedy answer opens.
 
 The targets are kept in the run's storage folder (`distill_targets.json.gz`): a resumed or re-submitted run
 trains on the same ones, since CPU sampling cannot be seeded (see jobs/evaluate/runners.py).
@@ -65,12 +67,16 @@ class TeacherEngine:
 def fingerprint(cfg: FinetuneConfig, prompts: list[Conversation]) -> str:
     """What the targets depend on: the base, the prompts and the teacher's settings."""
     loss = cfg.loss
-    key = json.dumps([cfg.model.path, prompts, loss.distill_top_k, loss.distill_max_tokens, loss.distill_temperature,
-                      cfg.data.max_length])
+    key = [cfg.model.path, prompts, loss.distill_top_k, loss.distill_max_tokens, loss.distill_temperature,
+           cfg.data.max_length]
+    if loss.distill_opening_tokens:  # (so that targets stored before this setting existed still match)
+        key.append(loss.distill_opening_tokens)
+    key = json.dumps(key)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool) -> list[dict]:
+def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool) -> tuple[list[dict], list[dict]]:
+    """The base's answers with their top-k, and, with `distill_opening_tokens`, its greedy openings."""
     import ray
 
     from serve_app.engine import CPU_ENGINE_ENV
@@ -82,13 +88,15 @@ def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool)
         cfg.model.path, "bfloat16" if on_gpu else "float32", cfg.data.max_length, on_gpu)
     try:
         loss = cfg.loss
-        found = ray.get(engine.targets.remote(prompts, loss.distill_top_k, loss.distill_max_tokens,
-                                              loss.distill_temperature))
+        found = engine.targets.remote(prompts, loss.distill_top_k, loss.distill_max_tokens, loss.distill_temperature)
+        openings = (engine.targets.remote(prompts, loss.distill_top_k, loss.distill_opening_tokens, 0.0)
+                    if loss.distill_opening_tokens else None)
+        found, openings = ray.get(found), ray.get(openings) if openings else []
     finally:
         ray.kill(engine)  # frees its GPU before the workers start
-    log.info("distillation targets: %d base answers, %d tokens, in %.0f s", len(found),
-             sum(len(t["answer_ids"]) for t in found), time.perf_counter() - started)
-    return found
+    log.info("distillation targets: %d base answers, %d tokens, %d greedy openings, in %.0f s", len(found),
+             sum(len(t["answer_ids"]) for t in found), len(openings), time.perf_counter() - started)
+    return found, openings
 
 
 def distill_examples(cfg: FinetuneConfig, run: Location, on_gpu: bool) -> list[Example]:
@@ -101,12 +109,14 @@ def distill_examples(cfg: FinetuneConfig, run: Location, on_gpu: bool) -> list[E
     if stored.is_file():
         saved = json.loads(gzip.decompress(stored.read_bytes()))
         if saved["fingerprint"] == key:
-            targets = saved["targets"]
+            targets, openings = saved["targets"], saved.get("openings", [])
             log.info("distillation targets: reusing %s", stored.uri)
     if targets is None:
-        targets = make_targets(cfg, prompts, on_gpu)
-        stored.write_bytes(gzip.compress(json.dumps({"fingerprint": key, "targets": targets}).encode()))
+        targets, openings = make_targets(cfg, prompts, on_gpu)
+        stored.write_bytes(gzip.compress(json.dumps({"fingerprint": key, "targets": targets,
+                                                     "openings": openings}).encode()))
     examples = [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce) for t in targets]
+    examples += [to_example(t, cfg.data.max_length, sample_ce=False) for t in openings]
     return [example for example in examples if example.distilled]  # prompts longer than max_length: nothing left
 
 
