@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jobs.data.tokenize import IGNORE, Example, collate, pack
-from jobs.finetune.losses import distill_kl, lm_loss
+from jobs.finetune.losses import distill_kl, lm_loss, loss_positions
 
 
 def _targets_from(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +58,49 @@ def test_a_batch_with_one_kind_of_token_has_one_term():
     assert loss.item() == pytest.approx(parts["ce"].item() + 0.5 * parts["kl"].item(), rel=1e-5)
 
 
+def test_the_loss_from_the_needed_logits_only_is_the_loss_from_all():
+    """The job computes logits only where the loss reads them (`loss_positions`): same loss, same gradient."""
+    torch.manual_seed(0)
+    full = torch.randn(2, 12, 30, requires_grad=True)
+    labels = torch.full((2, 12), IGNORE)
+    labels[0, 4:7] = torch.tensor([3, 4, 5])  # a prompt before it, filler after it
+    labels[1, 9] = 8
+    ids, logprobs = _targets_from(torch.randn(3, 30), 4)
+    distill = {"distill_positions": torch.tensor([[1, 2], [1, 3], [0, 10]]), "distill_ids": ids,
+               "distill_logprobs": logprobs}
+    positions = loss_positions(labels, distill)
+    assert positions.tolist() == [1, 2, 3, 4, 5, 8, 9]  # before each labelled or distilled token, in any row
+    want, want_parts = lm_loss(full, labels, distill, 0.7)
+    (want_grad,) = torch.autograd.grad(want, full)
+    got, got_parts = lm_loss(full[:, positions], labels, distill, 0.7, positions)
+    (got_grad,) = torch.autograd.grad(got, full)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6) and set(got_parts) == {"ce", "kl"}
+    assert got_parts["kl"].item() == pytest.approx(want_parts["kl"].item(), rel=1e-6)
+    assert torch.allclose(got_grad, want_grad, atol=1e-7)
+    nothing = loss_positions(torch.full((1, 5), IGNORE), None)  # one position, so the batch keeps a graph
+    assert nothing.tolist() == [0] and lm_loss(full[:1, nothing], labels[:1, :5] * 0 + IGNORE, None, 0.0,
+                                              nothing)[0].requires_grad
+
+
+def test_a_model_gives_the_same_loss_from_the_needed_logits(tiny_llama):
+    """`logits_to_keep` with the loss's positions, as the strategies call the model: the same loss as from
+    the full logits, on a real (tiny) Llama and a packed row."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rows = pack([Example(list(range(5, 25)), [IGNORE] * 12 + list(range(17, 25))),
+                 Example(list(range(40, 50)), [IGNORE] * 6 + list(range(46, 50)))], max_length=32, seed=0)
+    batch = collate(rows, pad_id=0, multiple=16)
+    labels = batch.pop("labels")
+    positions = loss_positions(labels, None)
+    assert len(positions) == 12 < labels.shape[1] - 1
+    with torch.no_grad():
+        want, _ = lm_loss(model(**batch, use_cache=False).logits, labels, None, 0.0)
+        kept = model(**batch, use_cache=False, logits_to_keep=positions).logits
+        got, _ = lm_loss(kept, labels, None, 0.0, positions)
+    assert kept.shape[1] == 12 and got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_targets_stay_on_their_tokens_through_packing_and_collate():
     def distilled(first: int, n: int) -> Example:
         ids = list(range(first, first + n))
@@ -90,6 +133,9 @@ def test_recipe_errors_name_the_setting(tmp_path):
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_top_k=50"): "loss.distill_top_k",
         ("loss.distill_temperature=-1",): "loss.distill_temperature",
         ("loss.kl=1",): "loss.kl: Extra inputs are not permitted",
+        ("loss.distill_opening_tokens=8",): "distill_opening_tokens needs distill_prompts",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_opening_tokens=-1"):
+            "loss.distill_opening_tokens",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -222,12 +268,13 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
                                                           method, strategy, workers):
     """Each combination trains with the KL term and reuses the targets already in its run folder (the
     resume path: no second teacher run, the same targets). The teacher answers greedily here
-    (`distill_temperature=0`; the shipped recipe samples at 1): each answer token is its own top-1."""
+    (`distill_temperature=0`; the shipped recipe samples at 1): each answer token is its own top-1. The
+    greedy openings (`distill_opening_tokens`) are one more short KL-only example per prompt."""
     from tests.test_finetune import finetune, metrics, recipe
 
     data, prompts = assistant_data
     loss = {"distill_weight": 1.0, "distill_prompts": [str(prompts)], "distill_max_tokens": 24,
-            "distill_temperature": 0}
+            "distill_temperature": 0, "distill_opening_tokens": 4}
     run_dir = tmp_path / "runs" / "run"
     seeded = _seed_targets(tmp_path, tiny_llama, data, prompts, loss)
     if seeded is not None:
@@ -245,8 +292,14 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
     if seeded is not None:
         assert "distillation targets: reusing" in result.stderr
     else:  # greedy: every answer token is the base's most likely one
-        targets = json.loads(gzip.decompress((run_dir / "distill_targets.json.gz").read_bytes()))["targets"]
+        stored = json.loads(gzip.decompress((run_dir / "distill_targets.json.gz").read_bytes()))
+        targets, openings = stored["targets"], stored["openings"]
         assert all(t["answer_ids"] == [top[0] for top in t["top_ids"]] for t in targets)
+        assert len(openings) == len(targets) == 48
+        assert all(0 < len(t["answer_ids"]) <= 4 and t["answer_ids"] == [top[0] for top in t["top_ids"]]
+                   for t in openings)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"]["distill_examples"] == 2 * 48  # each prompt's answer and its opening
 
 
 _TARGETS: dict[str, Path] = {}
