@@ -172,7 +172,8 @@ def assistant_weights(ray_head, tmp_path_factory) -> dict:
         [sys.executable, "-m", "jobs.finetune", "--config", str(REPO_ROOT / "jobs/configs/assistant_cpu.yaml"),
          f"data.train=[{data}]", "data.max_length=256", "train.max_steps=24", "train.grad_accum=1",
          "optim.lr=1e-3", "checkpoint.every_steps=24", "monitor.eval_every=null", "scaling.cpus_per_worker=2",
-         "loss.distill_weight=0", "loss.distill_prompts=[]",  # identity only: the serving tests need no more
+         # identity only, on every projection (fast to learn): the serving tests need no more
+         "loss.distill_weight=0", "loss.distill_prompts=[]", "loss.distill_opening_tokens=0", "lora.target_modules=auto",
          f"output.dir={folder}", "output.name=assistant"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -181,7 +181,7 @@ JOB = ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs
 # the first-against-last loss check below would depend on which rows the two steps drew (it failed so).
 FAST = ["train.grad_accum=1", "data.max_length=256", "monitor.eval_every=null", "checkpoint.every_steps=2",
         "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn", "loss.distill_weight=0",
-        "loss.distill_prompts=[]"]
+        "loss.distill_prompts=[]", "loss.distill_opening_tokens=0", "lora.target_modules=auto"]
 
 
 def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster, tmp_path):

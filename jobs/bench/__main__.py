@@ -10,6 +10,11 @@
     python -m jobs.bench chaos --scenarios upstream,disconnects,ingress,engine,soak --soak-requests 10000
     python -m jobs.bench prefix --routings power_of_two,round_robin,prefix --replicas 2 --sessions 16
     python -m jobs.bench quantize --contender fp32=default --contender w8a8=runs/quantized/smollm2-w8a8
+
+Two more are modules of their own:
+
+    python -m jobs.bench.loss_logits --config jobs/configs/assistant_cpu.yaml   (fine-tune step: all logits vs needed)
+    python -m jobs.bench.recipe_sweep --model /tmp/smol --variants '[...]'      (#21 recipe variants vs the base, GPU)
 """
 
 from __future__ import annotations

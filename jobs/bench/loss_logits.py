@@ -1,0 +1,106 @@
+"""Fine-tune step time: the output layer over every position against only where the loss reads it, in one process.
+
+The strategies compute logits only at `loss_positions` (the position before each labelled or distilled token)
+through transformers' `logits_to_keep`; before, the model computed them at every position and the loss picked
+its tokens afterwards. On a small model the output layer (576 x 49,152 for SmolLM2-135M) and the softmax over
+the vocabulary are a large share of a step on a CPU. Both contenders run forward and backward on the same
+packed rows of the recipe, with the recipe's model (LoRA as configured), alternately (A B B A ...), so that a
+change in the machine's speed falls on both.
+
+    python -m jobs.bench.loss_logits --config jobs/configs/assistant_cpu.yaml \\
+        --targets runs/finetune/assistant-cpu/distill_targets.json.gz --rows 8
+
+`--targets` adds the run's stored distillation examples (and greedy openings), as the job does; without it
+the rows hold the identity data only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import statistics
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench.loss_logits", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the fine-tune recipe (YAML)")
+    parser.add_argument("--targets", help="a run's distill_targets.json.gz (local path or storage URI)")
+    parser.add_argument("--rows", type=int, default=8, help="packed rows each contender trains on (default 8)")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, a.b=value, as for jobs.finetune")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from cluster.model_cache import resolve_model_path
+    from cluster.storage import locate
+    from jobs.data.tokenize import collate, pack
+    from jobs.finetune.__main__ import prepare_examples
+    from jobs.finetune.config import load_config
+    from jobs.finetune.distill import to_example
+    from jobs.finetune.loop import worker_rows
+    from jobs.finetune.losses import DISTILL_KEYS, lm_loss, loss_positions
+    from jobs.finetune.model import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    model_path = resolve_model_path(cfg.model.path)
+    examples, _ = prepare_examples(cfg, model_path)
+    if args.targets:
+        stored = json.loads(gzip.decompress(locate(args.targets).read_bytes()))
+        examples += [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce) for t in stored["targets"]]
+        examples += [to_example(t, cfg.data.max_length, sample_ce=False) for t in stored.get("openings", [])]
+    rows = pack(examples, cfg.data.max_length, cfg.data.shuffle_seed)
+    rows = worker_rows(rows, 0, cfg.data.shuffle_seed, 0, 1, args.rows + 1)  # the loop's first rows; one warms up
+    model = build_model(cfg, model_path, "float32", torch.device("cpu"))
+    model.train()
+    weight = cfg.loss.distill_weight
+
+    def step(row, needed_only: bool) -> float:
+        batch = collate([row], pad_id=0, multiple=64)
+        distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
+        labels = batch.pop("labels")
+        started = time.perf_counter()
+        if needed_only:
+            positions = loss_positions(labels, distill)
+            logits = model(**batch, use_cache=False, logits_to_keep=positions).logits
+            loss, _ = lm_loss(logits, labels, distill, weight, positions)
+        else:
+            loss, _ = lm_loss(model(**batch, use_cache=False).logits, labels, distill, weight)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    times = {"all positions": [], "needed positions": []}
+    step(rows[0], False), step(rows[0], True)  # warm-up
+    needed = total = 0
+    for index, row in enumerate(rows[1:]):
+        order = [False, True] if index % 2 == 0 else [True, False]
+        for needed_only in order:
+            times["needed positions" if needed_only else "all positions"].append(step(row, needed_only))
+        batch = collate([row], pad_id=0, multiple=64)
+        distill = {key: batch[key] for key in DISTILL_KEYS if key in batch}
+        needed += len(loss_positions(batch["labels"], distill))
+        total += batch["labels"].shape[1]
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+        "model": cfg.model.path, "method": cfg.model.method, "rows": args.rows, "row_tokens": cfg.data.max_length,
+        "needed_share": round(needed / total, 3),
+        **{f"{name} s/row (median)": round(statistics.median(values), 3) for name, values in times.items()},
+        **{f"{name} s (total)": round(sum(values), 1) for name, values in times.items()},
+    }
+    result["speedup"] = round(sum(times["all positions"]) / sum(times["needed positions"]), 3)
+    result["per_row_s"] = {name: [round(value, 2) for value in values] for name, values in times.items()}
+    print(json.dumps(result))
+    print(f"| contender | s per row (median) | total s ({args.rows} rows) |\n|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.2f} | {sum(values):.1f} |")
+    print(f"logits needed at {result['needed_share']:.0%} of positions; all / needed: {result['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
