@@ -167,10 +167,15 @@ def test_a_loaded_replica_is_avoided_even_with_a_match(prefix_handle):
         # held for 3 s, the 12 requests were in flight together: none took more than its load gap (plus one,
         # as routing tasks may read the queue lengths before the other's request is counted)
         assert max(counts.values()) - min(counts.values()) <= LOAD_GAP + 2, bursts
-        if counts[home] == max(counts.values()):  # and the key's own replica still took the most
+        # ...and the key's order still shows: its first replica took more than its last. (Not "the most": with a
+        # gap of 2 the ideal split of 12 is 5/5/2, a tie between the first two, so one late queue-length probe
+        # leaves the home one short, as CI saw on 2026-12-04: 4/5/3 in the key's order, twice.) A router that
+        # balances load alone splits 4/4/4.
+        order = rendezvous_order(key, sorted(counts))
+        if counts[order[0]] > counts[order[-1]]:
             break
     else:
-        raise AssertionError(f"the home replica {home} did not take the most requests in either burst: {bursts}")
+        raise AssertionError(f"the key's first replica {home} did not take more than its last in either burst: {bursts}")
     # Load even again: home. Serve's queue-length cache and the router's own count both trail the finished
     # requests by a moment, so the next turn may still spill; within a few seconds it must be home.
     answered = [_ask(prefix_handle, _turns(7, 2)[1])]

@@ -84,7 +84,9 @@ def test_stream_ends_when_the_choice_finishes(server):
                 elif line == "data: [DONE]":
                     gaps.append(time.perf_counter() - finished_at)
     gaps.sort()
-    assert len(gaps) == 5 and gaps[2] < 0.010, gaps  # the median; a wait would make every gap >= 15 ms
+    # The fastest of five: a wait would make every gap >= 15 ms. (The median was the check until a busy 2-core CI
+    # machine measured 6.7, 11.4, 12.3, 12.6 and 14.2 ms, none of them a wait.)
+    assert len(gaps) == 5 and gaps[0] < 0.010, gaps
 
 
 async def test_async_client_stream_and_non_stream(async_client):
