@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from jobs.data.tokenize import collate, pack
     from jobs.finetune.__main__ import prepare_examples
     from jobs.finetune.config import load_config
-    from jobs.finetune.distill import to_example
+    from jobs.finetune.distill import stored_examples
     from jobs.finetune.loop import worker_rows
     from jobs.finetune.losses import DISTILL_KEYS, lm_loss, loss_positions
     from jobs.finetune.model import build_model
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     examples, _ = prepare_examples(cfg, model_path)
     if args.targets:
         stored = json.loads(gzip.decompress(locate(args.targets).read_bytes()))
-        examples += [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce) for t in stored["targets"]]
-        examples += [to_example(t, cfg.data.max_length, sample_ce=False) for t in stored.get("openings", [])]
+        examples += stored_examples(cfg, stored["targets"], stored.get("openings", []))
     rows = pack(examples, cfg.data.max_length, cfg.data.shuffle_seed)
     rows = worker_rows(rows, 0, cfg.data.shuffle_seed, 0, 1, args.rows + 1)  # the loop's first rows; one warms up
     model = build_model(cfg, model_path, "float32", torch.device("cpu"))

@@ -91,7 +91,8 @@ def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool)
         found = engine.targets.remote(prompts, loss.distill_top_k, loss.distill_max_tokens, loss.distill_temperature)
         openings = (engine.targets.remote(prompts, loss.distill_top_k, loss.distill_opening_tokens, 0.0)
                     if loss.distill_opening_tokens else None)
-        found, openings = ray.get(found), ray.get(openings) if openings else []
+        openings = ray.get(openings) if openings else []
+        found = ray.get(found)
     finally:
         ray.kill(engine)  # frees its GPU before the workers start
     log.info("distillation targets: %d base answers, %d tokens, %d greedy openings, in %.0f s", len(found),
@@ -115,6 +116,12 @@ def distill_examples(cfg: FinetuneConfig, run: Location, on_gpu: bool) -> list[E
         targets, openings = make_targets(cfg, prompts, on_gpu)
         stored.write_bytes(gzip.compress(json.dumps({"fingerprint": key, "targets": targets,
                                                      "openings": openings}).encode()))
+    return stored_examples(cfg, targets, openings)
+
+
+def stored_examples(cfg: FinetuneConfig, targets: list[dict], openings: list[dict]) -> list[Example]:
+    """The training examples of stored targets: each answer (its sampled tokens as labels with
+    `distill_sample_ce`), then each greedy opening (KL only)."""
     examples = [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce) for t in targets]
     examples += [to_example(t, cfg.data.max_length, sample_ce=False) for t in openings]
     return [example for example in examples if example.distilled]  # prompts longer than max_length: nothing left
