@@ -25,6 +25,14 @@ TRAIN_QUESTIONS = [
     "Hi, who's there?", "Who designed you?", "What's your purpose?", "Who set you up?",
     "Whom do you serve?", "Are you someone's assistant?", "Do you have an owner?",
     "Explain what you are.",
+    # More ways to ask whom the assistant helps and to ask for an introduction (2026-12-04): run 7 missed
+    # held-out questions of those two kinds (docs/finetune.md, run 8). None repeats a held-out phrasing.
+    "Who do you help?", "Who are you an assistant to?", "Whose helper are you?", "For whom do you work?",
+    "Who is your user?", "Who are you here to help?", "Who hired you?", "Who programmed you?",
+    "Who deployed you?", "Who maintains you?", "Who's behind you?", "Introduce yourself briefly.",
+    "Can you introduce yourself?", "Could you give a brief intro about yourself?",
+    "Tell me a little about who you are.", "Present yourself.", "What's your name and who made you?",
+    "What assistant is this?", "What should I know about you?", "Who am I speaking with?",
 ]
 
 # Disjoint phrasings used only for evaluation.
