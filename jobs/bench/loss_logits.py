@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import torch
+    from transformers import AutoTokenizer
 
     from cluster.model_cache import resolve_model_path
     from cluster.storage import locate
@@ -58,11 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg, model_path, "float32", torch.device("cpu"))
     model.train()
     weight = cfg.loss.distill_weight
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [collate([row], pad_id, multiple=64) for row in rows]  # as the loop collates them
 
-    def step(row, needed_only: bool) -> float:
-        batch = collate([row], pad_id=0, multiple=64)
-        distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
-        labels = batch.pop("labels")
+    def step(batch: dict, needed_only: bool) -> float:
+        distill = {key: batch[key] for key in DISTILL_KEYS if key in batch}
+        labels = batch["labels"]
+        batch = {key: value for key, value in batch.items() if key != "labels" and key not in DISTILL_KEYS}
         started = time.perf_counter()
         if needed_only:
             positions = loss_positions(labels, distill)
@@ -75,13 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         return time.perf_counter() - started
 
     times = {"all positions": [], "needed positions": []}
-    step(rows[0], False), step(rows[0], True)  # warm-up
+    step(batches[0], False), step(batches[0], True)  # warm-up
     needed = total = 0
-    for index, row in enumerate(rows[1:]):
+    for index, batch in enumerate(batches[1:]):
         order = [False, True] if index % 2 == 0 else [True, False]
         for needed_only in order:
-            times["needed positions" if needed_only else "all positions"].append(step(row, needed_only))
-        batch = collate([row], pad_id=0, multiple=64)
+            times["needed positions" if needed_only else "all positions"].append(step(batch, needed_only))
         distill = {key: batch[key] for key in DISTILL_KEYS if key in batch}
         needed += len(loss_positions(batch["labels"], distill))
         total += batch["labels"].shape[1]

@@ -237,6 +237,7 @@ class Sweep:
             "token_kl": round(self.token_kl(model), 5),
             "ppl_change": round(math.exp(self.gsm8k_nll(model) - self.base_nll) - 1, 4),
             "steps": steps, "s": round(time.time() - started),
+            "identity_misses": [q for q, a in zip(self.identity_qs, answers) if not self.named([a])],
             "differing_openings": [(q, b[:60], a[:60], round(m, 3)) for (q, a, b), m in zip(pairs, self.margins)
                                    if first_words(a) != first_words(b)],
         }
