@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from cluster.model_cache import resolve_model_path
     from cluster.storage import locate
-    from jobs.data.tokenize import collate, pack
+    from jobs.data.tokenize import collate, pack, padding_id
     from jobs.finetune.__main__ import prepare_examples
     from jobs.finetune.config import load_config
     from jobs.finetune.distill import stored_examples
@@ -59,21 +59,24 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg, model_path, "float32", torch.device("cpu"))
     model.train()
     weight = cfg.loss.distill_weight
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = [collate([row], pad_id, multiple=64) for row in rows]  # as the loop collates them
 
-    def step(batch: dict, needed_only: bool) -> float:
+    def split(batch: dict) -> tuple[dict, torch.Tensor, dict]:  # the model's inputs, labels, distillation targets
         distill = {key: batch[key] for key in DISTILL_KEYS if key in batch}
-        labels = batch["labels"]
-        batch = {key: value for key, value in batch.items() if key != "labels" and key not in DISTILL_KEYS}
+        inputs = {key: value for key, value in batch.items() if key != "labels" and key not in distill}
+        return inputs, batch["labels"], distill
+
+    pad_id = padding_id(AutoTokenizer.from_pretrained(model_path))
+    batches = [split(collate([row], pad_id, multiple=64)) for row in rows]  # as the loop collates them
+
+    def step(batch: tuple[dict, torch.Tensor, dict], needed_only: bool) -> float:
+        inputs, labels, distill = batch
         started = time.perf_counter()
         if needed_only:
             positions = loss_positions(labels, distill)
-            logits = model(**batch, use_cache=False, logits_to_keep=positions).logits
+            logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
             loss, _ = lm_loss(logits, labels, distill, weight, positions)
         else:
-            loss, _ = lm_loss(model(**batch, use_cache=False).logits, labels, distill, weight)
+            loss, _ = lm_loss(model(**inputs, use_cache=False).logits, labels, distill, weight)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - started
@@ -85,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         order = [False, True] if index % 2 == 0 else [True, False]
         for needed_only in order:
             times["needed positions" if needed_only else "all positions"].append(step(batch, needed_only))
-        distill = {key: batch[key] for key in DISTILL_KEYS if key in batch}
-        needed += len(loss_positions(batch["labels"], distill))
-        total += batch["labels"].shape[1]
+        _, labels, distill = batch
+        needed += len(loss_positions(labels, distill))
+        total += labels.shape[1]
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
         "model": cfg.model.path, "method": cfg.model.method, "rows": args.rows, "row_tokens": cfg.data.max_length,

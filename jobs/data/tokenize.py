@@ -132,6 +132,11 @@ def pack(examples: list[Example], max_length: int, seed: int = 0) -> list[Exampl
     return rows
 
 
+def padding_id(tokenizer) -> int:
+    """The id `collate` pads with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(rows: list[Example], pad_id: int, width: int | None = None, multiple: int = 1) -> dict:
     """Right-pad a batch to `width` (default: its longest row, rounded up to `multiple`). Padding gets
     label -100 and its own position ids (a separate 'sequence'). Fixed widths keep GPU shapes static:

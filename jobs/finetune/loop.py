@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.storage import Location, locate
-from jobs.data.tokenize import Example, collate
+from jobs.data.tokenize import Example, collate, padding_id
 from jobs.finetune.config import FinetuneConfig
 
 log = logging.getLogger("tuneserve.finetune")
@@ -182,7 +182,7 @@ def train_loop(loop_config: dict) -> None:
     sink = MetricsSink(run, cfg.monitor.tensorboard, start_step) if rank == 0 else None
     micro = cfg.train.micro_batch_size
     per_worker = steps_per_epoch * cfg.train.grad_accum * micro
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     width = cfg.data.max_length if cfg.data.packing and device.type == "cuda" else None  # static shapes on GPU
 
     progress = None
