@@ -464,9 +464,35 @@ def _wait_until_gone(pids: set[int], timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+# Ports handed out by free_port: from here up to the kernel's ephemeral range, so above Ray's default
+# worker ports (10002-19999) and the tests' pinned port blocks (20000-23999). A port the kernel picked
+# (bind to 0) can be taken by any outgoing connection or by Ray's own port picking before our server binds
+# it; CI once lost the dashboard of a job's own Ray that way.
+FREE_PORT_LOW = 24000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that is free right now, outside the kernel's ephemeral range (see above)."""
+    import random
+
+    high = _ephemeral_low() - 1
+    pick = random.SystemRandom()  # not the global generator, which a test or a seeded job may have fixed
+    for _ in range(200 if high > FREE_PORT_LOW else 0):
+        port = pick.randint(FREE_PORT_LOW, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the ephemeral range: let the kernel pick
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
 

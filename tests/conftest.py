@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_port
+from cluster.local import FREE_PORT_LOW, free_port
 
 for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                      "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_DEDUP_LOGS": "0",
@@ -45,19 +45,26 @@ def scrape(base: str, needles: list[str], limit_s: float = 30.0, key: str = TEST
         time.sleep(0.5)
 
 
+_HANDED_OUT_BLOCKS: list[range] = []  # a Ray head's worker range is reserved long before its ports are bound
+
+
 def free_port_block(size: int) -> int:
-    """The first port of `size` consecutive free ports on 127.0.0.1."""
+    """The first port of `size` consecutive free ports on 127.0.0.1, overlapping no block handed out before."""
     import random
 
     for _ in range(200):
-        # Below Linux's ephemeral range (32768+), where client sockets could take a port after this check.
-        base = random.randint(15000, 32000 - size)
+        # Below the ports local.free_port hands out (24000 up to Linux's ephemeral range, where client
+        # sockets could take a port after this check), above Ray's default worker ports.
+        base = random.SystemRandom().randint(20000, FREE_PORT_LOW - size)
+        if any(base < block.stop and block.start < base + size for block in _HANDED_OUT_BLOCKS):
+            continue
         try:
             socks = []
             for port in range(base, base + size):
                 sock = socket.socket()
                 socks.append(sock)
                 sock.bind(("127.0.0.1", port))
+            _HANDED_OUT_BLOCKS.append(range(base, base + size))
             return base
         except OSError:
             continue
