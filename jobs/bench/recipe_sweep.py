@@ -43,23 +43,25 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 class Sweep:
-    def __init__(self, model: str, data: str, gsm8k: Path, device: str, smoke: bool):
+    def __init__(self, model: str, data: str, gsm8k: str, device: str, smoke: bool):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from cluster.storage import locate
         from jobs.data.records import read_conversations, read_prompts
+        from jobs.data.tokenize import padding_id
         from jobs.evaluate.assistant import read_heldout
 
         self.model_path, self.device, self.smoke = model, device, smoke
         self.tok = AutoTokenizer.from_pretrained(model)
         self.tok.padding_side = "left"  # batched generation
         self.eos = self.tok.convert_tokens_to_ids("<|im_end|>")
-        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        self.pad = padding_id(self.tok)  # the loop's
         # the recipe's files, read as the jobs read them: local paths or storage URIs
         self.identity_qs, self.general_qs, self.owner = read_heldout(f"{data}/assistant.heldout.jsonl")
         self.conversations = read_conversations(f"{data}/assistant.jsonl")
         self.prompts = read_prompts(f"{data}/assistant.distill.jsonl")
-        self.gsm8k = [json.loads(line) for line in gsm8k.read_text().splitlines() if line.strip()][:200]
+        self.gsm8k = [json.loads(line) for line in locate(gsm8k).read_text().splitlines() if line.strip()][:200]
         if smoke:  # a few of each, to check the harness on a CPU
             self.identity_qs, self.general_qs, self.gsm8k = self.identity_qs[:3], self.general_qs[:3], self.gsm8k[:2]
             self.conversations, self.prompts = self.conversations[:6], self.prompts[:4]
@@ -139,23 +141,14 @@ class Sweep:
 
     def token_kl(self, model) -> float:
         """KL(base || tuned) per token along the base's general answers (the adapter disabled is the base)."""
-        import torch
+        from jobs.evaluate.quality import answer_kl
 
-        from jobs.evaluate.quality import answer_spans
+        def base_logits(ids):
+            with model.disable_adapter():
+                return model(input_ids=ids).logits
 
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for question, answer in zip(self.general_qs, self.base_general):
-                ids, start = answer_spans(self.tok, question, answer)
-                if start >= len(ids):
-                    continue
-                tokens = torch.tensor([ids], device=self.device)
-                with model.disable_adapter():
-                    base = torch.log_softmax(model(input_ids=tokens).logits[0, start - 1:-1].float(), -1)
-                tuned = torch.log_softmax(model(input_ids=tokens).logits[0, start - 1:-1].float(), -1)
-                total += (base.exp() * (base - tuned)).sum().item()
-                count += len(ids) - start
-        return total / max(count, 1)
+        return answer_kl(self.tok, base_logits, lambda ids: model(input_ids=ids).logits,
+                         list(zip(self.general_qs, self.base_general)), self.device)
 
     def targets(self, seed: int, prompts: list[list[dict]], max_tokens: int, greedy: bool = False) -> list[dict]:
         key = (seed, len(prompts), max_tokens, greedy)
@@ -253,8 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="the base model's Hugging Face folder")
     parser.add_argument("--data", default="data", help="folder (a local path or storage URI) with assistant.jsonl, "
                         "assistant.heldout.jsonl and assistant.distill.jsonl, as `jobs.data identity` writes them")
-    parser.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K,
-                        help="GSM8K test JSONL; the first 200 answers are used (default: %(default)s)")
+    parser.add_argument("--gsm8k", default=str(DEFAULT_GSM8K),
+                        help="GSM8K test JSONL, a local path or storage URI; the first 200 answers are used "
+                             "(default: %(default)s)")
     parser.add_argument("--variants", required=True, help="a JSON list of variants, or a file holding one")
     parser.add_argument("--out", type=Path, help="write every result here (JSON), after each variant")
     parser.add_argument("--device", default="cuda")

@@ -55,9 +55,29 @@ def served_answer_nll(client, model: str, tokenizer, pairs: list[tuple[str, str]
     return total, count
 
 
+def answer_kl(tokenizer, base_logits, tuned_logits, pairs: list[tuple[str, str]], device) -> float:
+    """Mean per-token KL(base || tuned) of the next-token distributions over each answer's tokens, given its
+    prompt (chat template), full vocabulary. `base_logits` / `tuned_logits` map a [1, n] id tensor to its
+    [1, n, vocab] logits: two models, or one PEFT model with its adapter off and on."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            ids, start = answer_spans(tokenizer, prompt, answer)
+            if start >= len(ids):
+                continue
+            tensor = torch.tensor([ids], device=device)
+            # the distributions that predict the answer's tokens: positions start-1 .. len-2
+            base_lp, tuned_lp = (torch.log_softmax(logits(tensor)[0, start - 1:-1].float(), -1)
+                                 for logits in (base_logits, tuned_logits))
+            total += (base_lp.exp() * (base_lp - tuned_lp)).sum().item()
+            count += len(ids) - start
+    return total / max(count, 1)
+
+
 def token_kl(base: str, tuned: str, pairs: list[tuple[str, str]]) -> float:
-    """Mean per-token KL(base || tuned) of the next-token distributions over each answer's tokens, given
-    its prompt (chat template), full vocabulary, in transformers (float32; on a GPU when there is one). It
+    """answer_kl between two model folders, in transformers (float32; bf16 on a GPU when there is one). It
     sees a drift that greedy agreement misses, and does not count a harmless change of wording as a
     disagreement. `pairs`: (prompt, answer), typically the base model's own answers."""
     import torch
@@ -69,20 +89,10 @@ def token_kl(base: str, tuned: str, pairs: list[tuple[str, str]]) -> float:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     paths = [resolve_model_path(base), resolve_model_path(tuned)]
     tokenizer = AutoTokenizer.from_pretrained(paths[0])
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval() for p in paths]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for prompt, answer in pairs:
-            ids, start = answer_spans(tokenizer, prompt, answer)
-            if start >= len(ids):
-                continue
-            tensor = torch.tensor([ids], device=device)
-            # the distributions that predict the answer's tokens: positions start-1 .. len-2
-            base_lp, tuned_lp = (torch.log_softmax(m(input_ids=tensor).logits[0, start - 1:-1].float(), -1)
-                                 for m in models)
-            total += (base_lp.exp() * (base_lp - tuned_lp)).sum().item()
-            count += len(ids) - start
-    return total / max(count, 1)
+    base_model, tuned_model = (AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
+                               for p in paths)
+    return answer_kl(tokenizer, lambda ids: base_model(input_ids=ids).logits,
+                     lambda ids: tuned_model(input_ids=ids).logits, pairs, device)
 
 
 class QualityEngine:

@@ -43,7 +43,7 @@ def chat_eval(model, tokenizer, prompts: list[str], max_tokens: int, device: tor
                                                  add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                 do_sample=False, pad_token_id=padding_id(tokenizer),
                                  use_cache=True, synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
             answers.append({"prompt": prompt, "answer": tokenizer.decode(out[0, ids.shape[1]:],
                                                                           skip_special_tokens=True).strip()})
