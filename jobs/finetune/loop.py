@@ -198,7 +198,7 @@ def train_loop(loop_config: dict) -> None:
         for step_in_epoch in range(offset, steps_per_epoch):
             if step >= total_steps:
                 break
-            losses, kls, tokens, step_start = [], [], 0, time.perf_counter()
+            losses, kls, hinges, tokens, step_start = [], [], [], 0, time.perf_counter()
             for i in range(cfg.train.grad_accum):
                 first = (step_in_epoch * cfg.train.grad_accum + i) * micro
                 batch = collate(mine[first:first + micro], pad_id, width=width, multiple=64)
@@ -209,6 +209,7 @@ def train_loop(loop_config: dict) -> None:
                 losses.append(loss.detach())
                 if "kl" in strategy.loss_parts:
                     kls.append(strategy.loss_parts.pop("kl"))
+                    hinges.append(strategy.loss_parts.pop("margin", torch.zeros((), device=device)))
             grad_norm = strategy.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # so that tokens/s counts this step's GPU work, not a later one's
@@ -216,8 +217,9 @@ def train_loop(loop_config: dict) -> None:
             window_tokens += tokens
             window_s += time.perf_counter() - step_start
             kl = torch.stack(kls).mean().item() if kls else 0.0
-            stats = torch.tensor([torch.stack(losses).mean().item(), float(window_tokens), kl, float(bool(kls))],
-                                 device=device)
+            hinge = torch.stack(hinges).mean().item() if hinges else 0.0
+            stats = torch.tensor([torch.stack(losses).mean().item(), float(window_tokens), kl, float(bool(kls)),
+                                  hinge], device=device)
             if world > 1:
                 dist.all_reduce(stats)
             if rank == 0:
@@ -228,6 +230,8 @@ def train_loop(loop_config: dict) -> None:
                           "epoch": round(step / steps_per_epoch, 3)}
                 if stats[3].item():  # distillation: KL(base || tuned), averaged over the ranks that had any
                     values["distill_kl"] = round(stats[2].item() / stats[3].item(), 5)
+                    if cfg.loss.distill_margin_weight:
+                        values["distill_margin"] = round(stats[4].item() / stats[3].item(), 5)
                 if device.type == "cuda":
                     values["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if rank == 0:

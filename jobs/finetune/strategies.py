@@ -82,7 +82,9 @@ class Strategy:
             labels = batch.pop("labels")
             positions = loss_positions(labels, distill)
             logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
-            loss, self.loss_parts = lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions)
+            loss, self.loss_parts = lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions,
+                                            margin=self.cfg.loss.distill_margin,
+                                            margin_weight=self.cfg.loss.distill_margin_weight)
             return loss
 
     def autocast(self):
