@@ -155,6 +155,29 @@ def test_the_margin_holds_the_base_choice_where_the_kl_barely_sees_a_swap():
     assert parts["margin"].item() == pytest.approx(0.1, abs=1e-4)
     assert loss.item() == pytest.approx(2.0 * (parts["kl"].item() + parts["margin"].item()), rel=1e-5)
     assert "margin" not in lm_loss(swapped, labels, distill, 2.0)[1]  # off by default
+    # with a mask (loss.distill_margin_on: openings), only the flagged tokens count
+    loss, parts = lm_loss(swapped, labels, {**distill, "distill_margin_mask": torch.tensor([False])}, 2.0,
+                          margin=0.3, margin_weight=2.0)
+    assert "margin" not in parts
+
+
+def test_margin_flags_stay_on_their_tokens_through_packing_and_collate():
+    from jobs.finetune.distill import to_example
+
+    def target(prompt, answer):
+        return {"prompt_ids": prompt, "answer_ids": answer, "top_ids": [[a, 0] for a in answer],
+                "top_logprobs": [[-0.1, -2.0] for _ in answer]}
+
+    answer = to_example(target([1, 2, 3], [4, 5, 6]), 64)  # a sampled answer: not flagged
+    opening = to_example(target([7, 8], [9, 10]), 64, sample_ce=False, margin=True)
+    plain = Example([11, 12], [IGNORE, 12])  # an identity row: no targets at all
+    rows = pack([answer, opening, plain], 64)
+    assert len(rows) == 1
+    batch = collate(rows, pad_id=0, width=16)
+    ids = batch["input_ids"][0].tolist()
+    hinged = batch["distill_positions"][batch["distill_margin_mask"]][:, 1].tolist()
+    assert sorted(ids[t] for t in hinged) == [9, 10]  # exactly the opening's answer tokens
+    assert len(batch["distill_margin_mask"]) == 5 and batch["distill_margin_mask"].sum() == 2
 
 
 def test_recipe_errors_name_the_setting(tmp_path):
@@ -173,6 +196,10 @@ def test_recipe_errors_name_the_setting(tmp_path):
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_opening_tokens=-1"):
             "loss.distill_opening_tokens",
         ("loss.distill_margin_weight=10",): "distill_margin_weight needs distill_prompts",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=10",
+         "loss.distill_margin_on=openings"): "distill_margin_on: openings needs distill_opening_tokens",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_on=answers"):
+            "loss.distill_margin_on",
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin=0"): "loss.distill_margin",
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=-1"):
             "loss.distill_margin_weight",

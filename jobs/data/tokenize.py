@@ -31,6 +31,8 @@ class Example:
     position_ids: list[int] = field(default_factory=list)
     teacher_ids: list[list[int]] = field(default_factory=list)  # [] or one (possibly empty) list per token
     teacher_logprobs: list[list[float]] = field(default_factory=list)
+    # [] or one flag per token: the greedy-margin hinge applies to that token's target (loss.distill_margin_on)
+    teacher_margin: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.position_ids:
@@ -41,6 +43,9 @@ class Example:
         if self.teacher_ids:
             return self.teacher_ids, self.teacher_logprobs
         return [[] for _ in self.input_ids], [[] for _ in self.input_ids]
+
+    def margin_flags(self) -> list[bool]:
+        return self.teacher_margin or [False] * len(self.input_ids)
 
     @property
     def distilled(self) -> int:
@@ -122,12 +127,13 @@ def pack(examples: list[Example], max_length: int, seed: int = 0) -> list[Exampl
                     ids, logprobs = example.targets()
                     row.teacher_ids += ids
                     row.teacher_logprobs += logprobs
+                    row.teacher_margin += example.margin_flags()
                 room[i] -= n
                 break
         else:
             ids, logprobs = example.targets() if distilling else ([], [])
             rows.append(Example(list(example.input_ids), list(example.labels), list(example.position_ids),
-                                list(ids), list(logprobs)))
+                                list(ids), list(logprobs), example.margin_flags() if distilling else []))
             room.append(max_length - n)
     return rows
 
@@ -156,10 +162,12 @@ def collate(rows: list[Example], pad_id: int, width: int | None = None, multiple
         "labels": torch.tensor(labels),
         "position_ids": torch.tensor(position_ids),
     }
-    targets = [(b, t, ids, logprobs) for b, row in enumerate(rows) if row.teacher_ids
-               for t, (ids, logprobs) in enumerate(zip(row.teacher_ids, row.teacher_logprobs)) if ids]
+    targets = [(b, t, ids, logprobs, margin) for b, row in enumerate(rows) if row.teacher_ids
+               for t, (ids, logprobs, margin) in enumerate(zip(row.teacher_ids, row.teacher_logprobs,
+                                                               row.margin_flags())) if ids]
     if targets:  # token (row, position) -> the teacher's top-k ids and logprobs for that token
-        batch["distill_positions"] = torch.tensor([[b, t] for b, t, _, _ in targets])
-        batch["distill_ids"] = torch.tensor([ids for _, _, ids, _ in targets])
-        batch["distill_logprobs"] = torch.tensor([logprobs for _, _, _, logprobs in targets], dtype=torch.float32)
+        batch["distill_positions"] = torch.tensor([[b, t] for b, t, *_ in targets])
+        batch["distill_ids"] = torch.tensor([target[2] for target in targets])
+        batch["distill_logprobs"] = torch.tensor([target[3] for target in targets], dtype=torch.float32)
+        batch["distill_margin_mask"] = torch.tensor([target[4] for target in targets])
     return batch

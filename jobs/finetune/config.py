@@ -90,6 +90,8 @@ class LossSection(Strict):
     # (docs/finetune.md, runs 12-13). Weight 0: off.
     distill_margin_weight: float = Field(0.0, ge=0)
     distill_margin: float = Field(0.3, gt=0)
+    # its tokens: every distillation token, or the greedy openings' only (needs distill_opening_tokens)
+    distill_margin_on: Literal["all", "openings"] = "all"
 
     @model_validator(mode="after")
     def _prompts_with_weight(self) -> "LossSection":
@@ -101,6 +103,9 @@ class LossSection(Strict):
         if self.distill_margin_weight and not self.distill_prompts:
             raise ValueError("distill_margin_weight needs distill_prompts and distill_weight: it keeps the base's top "
                              "token first along the base's answers to those prompts")
+        if self.distill_margin_on == "openings" and self.distill_margin_weight and not self.distill_opening_tokens:
+            raise ValueError("distill_margin_on: openings needs distill_opening_tokens (the greedy openings "
+                             "it holds)")
         if self.distill_opening_tokens and not self.distill_prompts:
             raise ValueError("distill_opening_tokens needs distill_prompts and distill_weight: the openings are "
                              "the base's answers to those prompts")

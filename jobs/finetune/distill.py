@@ -122,18 +122,20 @@ def distill_examples(cfg: FinetuneConfig, run: Location, on_gpu: bool) -> list[E
 def stored_examples(cfg: FinetuneConfig, targets: list[dict], openings: list[dict]) -> list[Example]:
     """The training examples of stored targets: each answer (its sampled tokens as labels with
     `distill_sample_ce`), then each greedy opening (KL only)."""
-    examples = [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce) for t in targets]
-    examples += [to_example(t, cfg.data.max_length, sample_ce=False) for t in openings]
+    on_answers = cfg.loss.distill_margin_on == "all"  # the greedy-margin hinge's tokens (when it is on)
+    examples = [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce, margin=on_answers) for t in targets]
+    examples += [to_example(t, cfg.data.max_length, sample_ce=False, margin=True) for t in openings]
     return [example for example in examples if example.distilled]  # prompts longer than max_length: nothing left
 
 
-def to_example(target: dict, max_length: int, sample_ce: bool = True) -> Example:
+def to_example(target: dict, max_length: int, sample_ce: bool = True, margin: bool = False) -> Example:
     """Prompt and answer tokens; the base's top-k on each answer token (token t's target is the
-    distribution the model predicts it from, at t-1), and the sampled tokens as labels with `sample_ce`.
-    Cut to max_length."""
+    distribution the model predicts it from, at t-1), the sampled tokens as labels with `sample_ce`, and
+    the answer tokens flagged for the greedy-margin hinge with `margin`. Cut to max_length."""
     ids = target["prompt_ids"] + target["answer_ids"]
     before = [[] for _ in target["prompt_ids"]]
     answer_labels = target["answer_ids"] if sample_ce else [IGNORE] * len(target["answer_ids"])
     return Example(ids[:max_length], ([IGNORE] * len(before) + answer_labels)[:max_length],
                    teacher_ids=(before + target["top_ids"])[:max_length],
-                   teacher_logprobs=(before + target["top_logprobs"])[:max_length])
+                   teacher_logprobs=(before + target["top_logprobs"])[:max_length],
+                   teacher_margin=([False] * len(before) + [margin] * len(target["answer_ids"]))[:max_length])

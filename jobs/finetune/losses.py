@@ -13,7 +13,7 @@ import torch
 
 from jobs.data.tokenize import IGNORE
 
-DISTILL_KEYS = ("distill_positions", "distill_ids", "distill_logprobs")
+DISTILL_KEYS = ("distill_positions", "distill_ids", "distill_logprobs", "distill_margin_mask")
 
 
 def _with_rest(logprobs: torch.Tensor) -> torch.Tensor:
@@ -91,8 +91,12 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, distill: dict | None, di
         kl = distill_kl(logits, at, distill["distill_ids"], distill["distill_logprobs"])
         loss = loss + distill_weight * kl
         parts["kl"] = kl.detach()
-        if margin > 0 and margin_weight > 0:
-            hinge = greedy_margin(logits, at, distill["distill_ids"], distill["distill_logprobs"], margin, sharpen)
+        # the hinge on the tokens flagged for it (loss.distill_margin_on), or on every one
+        hinged = distill.get("distill_margin_mask")
+        hinged = torch.ones(len(at), dtype=torch.bool, device=at.device) if hinged is None else hinged
+        if margin > 0 and margin_weight > 0 and hinged.any():
+            hinge = greedy_margin(logits, at[hinged], distill["distill_ids"][hinged],
+                                  distill["distill_logprobs"][hinged], margin, sharpen)
             loss = loss + margin_weight * hinge
             parts["margin"] = hinge.detach()
     return loss, parts
