@@ -209,7 +209,8 @@ def train_loop(loop_config: dict) -> None:
                 losses.append(loss.detach())
                 if "kl" in strategy.loss_parts:
                     kls.append(strategy.loss_parts.pop("kl"))
-                    hinges.append(strategy.loss_parts.pop("margin", torch.zeros((), device=device)))
+                if "margin" in strategy.loss_parts:  # only micro-batches with tokens the hinge is on
+                    hinges.append(strategy.loss_parts.pop("margin"))
             grad_norm = strategy.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # so that tokens/s counts this step's GPU work, not a later one's
@@ -219,7 +220,7 @@ def train_loop(loop_config: dict) -> None:
             kl = torch.stack(kls).mean().item() if kls else 0.0
             hinge = torch.stack(hinges).mean().item() if hinges else 0.0
             stats = torch.tensor([torch.stack(losses).mean().item(), float(window_tokens), kl, float(bool(kls)),
-                                  hinge], device=device)
+                                  hinge, float(bool(hinges))], device=device)
             if world > 1:
                 dist.all_reduce(stats)
             if rank == 0:
@@ -230,8 +231,8 @@ def train_loop(loop_config: dict) -> None:
                           "epoch": round(step / steps_per_epoch, 3)}
                 if stats[3].item():  # distillation: KL(base || tuned), averaged over the ranks that had any
                     values["distill_kl"] = round(stats[2].item() / stats[3].item(), 5)
-                    if cfg.loss.distill_margin_weight:
-                        values["distill_margin"] = round(stats[4].item() / stats[3].item(), 5)
+                if stats[5].item():  # the greedy-margin hinge, averaged likewise over the ranks that had any
+                    values["distill_margin"] = round(stats[4].item() / stats[5].item(), 5)
                 if device.type == "cuda":
                     values["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if rank == 0:
