@@ -344,6 +344,7 @@ async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s
                     await response.aread()
                     record["outcome"] = f"http_{response.status_code}"
                 else:
+                    record["attempts"] = response.headers.get("x-tuneserve-attempts")
                     saw_error = saw_done = False
                     async for line in response.aiter_lines():
                         if record["first_byte"] is None:
@@ -352,6 +353,8 @@ async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s
                             saw_done = True
                         elif line.startswith("data: ") and '"error"' in line[:20]:
                             saw_error = True
+                            error = json.loads(line[6:])["error"]
+                            record["error"] = {"code": error.get("code"), "message": error.get("message", "")[:300]}
                     record["outcome"] = ("error_event" if saw_error else "ok") if saw_done else "broken"
     except TimeoutError:
         record["outcome"] = "hung"
@@ -432,10 +435,13 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
         stop = time.monotonic() + 75
         load = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 300, 90))
         await asyncio.sleep(15)
+        # The node dies somewhere in [kill_began, killed]: `kill-node` is a fresh Python process (a second
+        # or two to start here) that returns once every process of the node is gone.
+        kill_began = time.monotonic()
         await asyncio.to_thread(cluster.local, "kill-node", str(cluster.node_index(victim_ip)))
-        killed = time.monotonic()  # kill-node returns once every process of the node is gone
+        killed = time.monotonic()
         outcomes = await load
-        return killed, outcomes, victim_ip
+        return kill_began, killed, outcomes, victim_ip
 
     async def scenario():
         engines = await scale_up()
@@ -444,19 +450,26 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
         await asyncio.to_thread(_ask_every_proxy, cluster, port)
         return await kill_under_load(engines)
 
-    killed, outcomes, victim_ip = asyncio.run(scenario())
+    kill_began, killed, outcomes, victim_ip = asyncio.run(scenario())
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
     figure("serve_kill_outcomes", json.dumps(counts, sort_keys=True))
-    assert counts.get("hung", 0) == 0 and not [k for k in counts if k.startswith("broken")], counts
-    # Requests still waiting for their first byte at the kill were retried on the live replica: only
-    # streams already under way may end in an error event, and those got [DONE] too.
-    not_started = [o for o in outcomes if o["start"] < killed and (o["first_byte"] or 1e18) > killed]
-    assert all(o["outcome"] == "ok" for o in not_started), not_started
-    under_way = [o for o in outcomes if o["first_byte"] and o["first_byte"] < killed < o["end"]]
-    assert all(o["outcome"] in ("ok", "error_event") for o in under_way)
+    # Nothing hung, broke off without [DONE], or got an error status: a request whose replica died before
+    # its first token was retried on the live one (a failed retry would be a 503, as keep-alives only start
+    # after 10 s).
+    assert set(counts) <= {"ok", "error_event"}, counts
+    # The only errors are in-band ones of streams the dead replica had already started: the ingress says
+    # "failed mid-stream" only after its first piece came. Which requests those are the client cannot tell
+    # by its clock: the node dies somewhere in [kill_began, killed], and a first token the replica sent just
+    # before can reach the client after it (CI once saw one 10 ms after `killed`, its error 7 ms later).
+    errors = [o for o in outcomes if o["outcome"] == "error_event"]
+    assert all(o["error"]["code"] == "provider_error" and "mid-stream" in o["error"]["message"] for o in errors), errors
+    assert all(o["start"] < killed < o["end"] for o in errors), (kill_began, killed, errors)
+    assert len(errors) <= 6, errors  # at most the streams in flight at the kill (6 clients)
+    # Every request sent after the node was gone was answered in full.
     assert all(o["outcome"] == "ok" for o in outcomes if o["start"] > killed), counts
+    under_way = [o for o in outcomes if o["first_byte"] and o["first_byte"] < killed < o["end"]]
     after = sorted(o["end"] for o in outcomes if o["start"] >= killed and o["outcome"] == "ok")
     assert after, "no request succeeded after the kill"
     figure("serve_kill_to_first_new_success_s", round(after[0] - killed, 2))
