@@ -461,11 +461,12 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
     assert set(counts) <= {"ok", "error_event"}, counts
     # The only errors are in-band ones of streams the dead replica had already started: the ingress says
     # "failed mid-stream" only after its first piece came. Which requests those are the client cannot tell
-    # by its clock: the node dies somewhere in [kill_began, killed], and a first token the replica sent just
-    # before can reach the client after it (CI once saw one 10 ms after `killed`, its error 7 ms later).
+    # by its clock: the node dies somewhere in [kill_began, killed], so a stream on it may end before
+    # `killed`, and a first token the replica sent just before can reach the client after it (CI once saw
+    # one 10 ms after `killed`, its error 7 ms later).
     errors = [o for o in outcomes if o["outcome"] == "error_event"]
     assert all(o["error"]["code"] == "provider_error" and "mid-stream" in o["error"]["message"] for o in errors), errors
-    assert all(o["start"] < killed < o["end"] for o in errors), (kill_began, killed, errors)
+    assert all(o["start"] < killed and o["end"] > kill_began for o in errors), (kill_began, killed, errors)
     assert len(errors) <= 6, errors  # at most the streams in flight at the kill (6 clients)
     # Every request sent after the node was gone was answered in full.
     assert all(o["outcome"] == "ok" for o in outcomes if o["start"] > killed), counts
