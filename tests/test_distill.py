@@ -203,6 +203,10 @@ def test_recipe_errors_name_the_setting(tmp_path):
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin=0"): "loss.distill_margin",
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=-1"):
             "loss.distill_margin_weight",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_from=0.5"):
+            "distill_margin_from is set but distill_margin_weight is 0",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=1",
+         "loss.distill_margin_from=1"): "loss.distill_margin_from",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -348,14 +352,20 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
         run_dir.mkdir(parents=True)
         shutil.copy(seeded, run_dir / "distill_targets.json.gz")
     lr = {"lr": 2e-3} if method == "full" else {}
+    # One combination also runs the greedy-margin hinge, on from halfway (loss.distill_margin_from)
+    hinge = {"distill_margin_weight": 1.0, "distill_margin_from": 0.5} if strategy == "fsdp2" else {}
     config = recipe(tmp_path, tiny_llama, data, model={"method": method}, strategy={"name": strategy},
                     scaling={"num_workers": workers}, optim=lr, train={"max_steps": 4}, monitor={"eval_every": None},
-                    loss=loss)
+                    loss={**loss, **hinge})
     result = finetune(config)
     assert result.returncode == 0, result.stderr[-4000:]
     logged = metrics(run_dir)
     assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(m.get("distill_kl", 0) >= 0 for m in logged)
     assert any("distill_kl" in m for m in logged)
+    if hinge:  # off for steps 1-2, on for 3-4
+        assert not any("distill_margin" in m for m in logged[:2]) and any("distill_margin" in m for m in logged[2:])
+    else:
+        assert not any("distill_margin" in m for m in logged)
     if seeded is not None:
         assert "distillation targets: reusing" in result.stderr
     else:  # greedy: every answer token is the base's most likely one

@@ -22,7 +22,8 @@ to its first k tokens, from the sampled answer or from the base's greedy one), c
 copies, 1), opening_ce (also learn those openings' tokens, cross-entropy: false), final_distill_epochs (epochs
 of distillation rows alone, KL only, after the rest), margin (nats: the hinge `losses.greedy_margin` on every
 distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead,
-margin)), margin_openings_only (the hinge on the greedy openings' tokens alone). Each differing opening is
+margin)), margin_openings_only (the hinge on the greedy openings' tokens alone), margin_from (the share of
+steps before the hinge starts, as loss.distill_margin_from). Each differing opening is
 listed with the base's smallest top-two logprob gap over its first 12 answer tokens: how near a tie the base
 itself was there.
 
@@ -206,6 +207,7 @@ class Sweep:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(SimpleNamespace(optim=optim), total))
         model.train()
         steps = 0
+        hinge_from = int(variant.get("margin_from", 0.0) * total)  # as loss.distill_margin_from
         for data, epoch in plan:
             per_epoch = len(data) // accumulation
             order = worker_rows(data, epoch, seed, 0, 1, per_epoch * accumulation)  # the loop's data order
@@ -217,7 +219,7 @@ class Sweep:
                     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
                     loss, _ = lm_loss(logits, batch["labels"], distill or None, weight,
                                       margin=variant.get("margin", 0.0),
-                                      margin_weight=variant.get("mw", weight),
+                                      margin_weight=variant.get("mw", weight) if steps >= hinge_from else 0.0,
                                       sharpen=variant.get("sharpen", False))
                     (loss / accumulation).backward()
                 torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)

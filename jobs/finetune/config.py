@@ -93,6 +93,9 @@ class LossSection(Strict):
     distill_margin: float = Field(0.3, gt=0)
     # its tokens: every distillation token, or the greedy openings' only (needs distill_opening_tokens)
     distill_margin_on: Literal["all", "openings"] = "all"
+    # When the hinge starts, as a share of the run's optimizer steps: 0.5 turns it on halfway, after the
+    # identity has been learned without it (on from the start it blocked the identity, runs 12-14).
+    distill_margin_from: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _prompts_with_weight(self) -> "LossSection":
@@ -107,6 +110,9 @@ class LossSection(Strict):
         if self.distill_margin_on == "openings" and self.distill_margin_weight and not self.distill_opening_tokens:
             raise ValueError("distill_margin_on: openings needs distill_opening_tokens (the greedy openings "
                              "it holds)")
+        if self.distill_margin_from and not self.distill_margin_weight:
+            raise ValueError("distill_margin_from is set but distill_margin_weight is 0, so there is no hinge to "
+                             "start; set distill_margin_weight")
         if self.distill_opening_tokens and not self.distill_prompts:
             raise ValueError("distill_opening_tokens needs distill_prompts and distill_weight: the openings are "
                              "the base's answers to those prompts")

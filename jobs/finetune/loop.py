@@ -191,6 +191,7 @@ def train_loop(loop_config: dict) -> None:
 
         progress = tqdm(total=total_steps, initial=start_step, desc="fine-tune", unit="step", mininterval=2)
     step = start_step
+    hinge_from = int(cfg.loss.distill_margin_from * total_steps)  # a step count, so a resumed run agrees
     window_tokens, window_s = 0, 0.0  # tokens/s over compute time only (not evaluation or checkpoints)
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -199,6 +200,7 @@ def train_loop(loop_config: dict) -> None:
             if step >= total_steps:
                 break
             losses, kls, hinges, tokens, step_start = [], [], [], 0, time.perf_counter()
+            strategy.hinge_on = step >= hinge_from
             for i in range(cfg.train.grad_accum):
                 first = (step_in_epoch * cfg.train.grad_accum + i) * micro
                 batch = collate(mine[first:first + micro], pad_id, width=width, multiple=64)

@@ -50,6 +50,7 @@ class Strategy:
     """DDP (also plain single-worker training)."""
 
     name = "ddp"
+    hinge_on = True  # the loop turns the greedy-margin hinge off before loss.distill_margin_from
 
     def __init__(self, cfg: FinetuneConfig, model: torch.nn.Module, device: torch.device, total_steps: int):
         self.cfg = cfg
@@ -84,7 +85,7 @@ class Strategy:
             logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
             loss, self.loss_parts = lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions,
                                             margin=self.cfg.loss.distill_margin,
-                                            margin_weight=self.cfg.loss.distill_margin_weight)
+                                            margin_weight=self.cfg.loss.distill_margin_weight if self.hinge_on else 0.0)
             return loss
 
     def autocast(self):
