@@ -6,6 +6,7 @@ The app under test runs with API keys on, so that auth is exercised on every req
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -103,6 +104,9 @@ def ray_head():
     finally:
         ray.shutdown()
         local.down()
+        # The quantizer's pip runtime env (test_quantize_job) is ~4 GiB in the session folder; the logs stay.
+        for env_cache in Path(os.environ["TUNESERVE_RAY_DIR"]).glob("session_*/runtime_resources"):
+            shutil.rmtree(env_cache, ignore_errors=True)
     leftovers = local.our_processes()
     assert not leftovers, f"cluster.local down left processes behind: {leftovers}"
 
