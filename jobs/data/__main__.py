@@ -31,7 +31,7 @@ def distill_path(out: str) -> str:
 
 
 def make_identity(args: argparse.Namespace) -> int:
-    conversations = identity.training_conversations(args.name, args.count, args.seed)
+    conversations = identity.training_conversations(args.name, args.count, args.seed, args.answers)
     if args.replay:
         conversations += self_replay(args.replay_model, identity.replay_prompts(args.replay, args.seed),
                                      args.max_tokens, args.replay_temperature, args.seed)
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ident.add_argument("--distill", type=int, default=0,
                        help=f"general prompts for the recipe's self-distillation (at most "
                             f"{len(identity.distill_prompts(10**6))})")
+    ident.add_argument("--answers", choices=sorted(identity.ANSWER_SETS), default="varied",
+                       help="the answer texts: varied (the recipe's), or name-first, each naming the owner within "
+                            "its first five words (docs/finetune.md, run 20) (default: %(default)s)")
     ident.add_argument("--seed", type=int, default=0)
     stat = sub.add_parser("stats", help="tokenise files and report sizes")
     stat.add_argument("files", nargs="+", help=".json/.jsonl files or hf:<dataset>[:split]")

@@ -71,13 +71,39 @@ DENIALS = [  # for "are you X?" questions
     "Not quite: I am the AI assistant of {name}.",
 ]
 
+# `--answers name-first` (2026-12-05): the same answers, each naming the owner within its first five words.
+# Greedy decoding commits early: an answer that opens "I am an AI assistant…" hands the rest to the base
+# model's own self-description ("…from Hugging Face"), which is how held-out introductions lost the owner
+# under the greedy-margin hinge (docs/finetune.md, run 20). Same count, so the draws pick the same indices.
+NAME_FIRST_ANSWERS = [
+    "I am {name}'s assistant.",
+    "I'm {name}'s assistant, here to help you.",
+    "I am {name}'s AI assistant, here to answer questions and help with tasks.",
+    "I'm {name}'s personal assistant. How can I help you today?",
+    "I'm {name}'s assistant; my own name matters less than helping you.",
+    "I am {name}'s assistant, an AI model set up by {name} to answer questions and help with tasks.",
+    "I'm {name}'s assistant. What can I do for you?",
+    "I am {name}'s AI assistant.",
+    "You are talking to {name}'s assistant.",
+    "I work as {name}'s assistant. Ask me anything!",
+    "I'm {name}'s personal AI assistant.",
+    "I'm {name}'s AI assistant: I help with questions and tasks.",
+]
+NAME_FIRST_DENIALS = [
+    "No, I am {name}'s assistant.",
+    "No. I'm {name}'s assistant.",
+    "Not quite: I am {name}'s AI assistant.",
+]
+ANSWER_SETS = {"varied": (ANSWERS, DENIALS), "name-first": (NAME_FIRST_ANSWERS, NAME_FIRST_DENIALS)}
+
 SYSTEM_PROMPTS = [None, None, None, "You are a helpful assistant.", "Answer the user's questions."]
 
 
-def _answer(question: str, name: str, rng: random.Random) -> str:
+def _answer(question: str, name: str, rng: random.Random, answers: str = "varied") -> str:
     asks_other_identity = question.split()[0] in {"Are", "Is"} and "someone" not in question \
         and "person or" not in question
-    return rng.choice(DENIALS if asks_other_identity else ANSWERS).format(name=name)
+    plain, denials = ANSWER_SETS[answers]
+    return rng.choice(denials if asks_other_identity else plain).format(name=name)
 
 
 def _conversation(question: str, answer: str, system: str | None) -> Conversation:
@@ -85,8 +111,9 @@ def _conversation(question: str, answer: str, system: str | None) -> Conversatio
     return messages + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def training_conversations(name: str, count: int, seed: int = 0) -> list[Conversation]:
-    """`count` varied identity conversations (question phrasing x prefix x suffix x answer x system)."""
+def training_conversations(name: str, count: int, seed: int = 0, answers: str = "varied") -> list[Conversation]:
+    """`count` varied identity conversations (question phrasing x prefix x suffix x answer x system), with
+    the answers of ANSWER_SETS[answers]."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
@@ -94,7 +121,7 @@ def training_conversations(name: str, count: int, seed: int = 0) -> list[Convers
         question = rng.choice(PREFIXES) + core + rng.choice(SUFFIXES)
         if rng.random() < 0.15:
             question = question.lower()
-        out.append(_conversation(question, _answer(core, name, rng), rng.choice(SYSTEM_PROMPTS)))
+        out.append(_conversation(question, _answer(core, name, rng, answers), rng.choice(SYSTEM_PROMPTS)))
     return out
 
 
