@@ -120,10 +120,13 @@ def test_identity_generator_is_varied_and_holds_out_phrasings(tmp_path):
     assert len(questions) > 200 and len(answers) >= 10
     assert all(identity.names_owner(c[-1]["content"], "Crohcirtep") for c in conversations)
     # --answers name-first: the same draws, each answer naming the owner within its first five words
+    def named_early(answer: str, name: str = "Crohcirtep") -> bool:
+        return name in " ".join(answer.split()[:5])
+
     name_first = identity.training_conversations("Crohcirtep", 400, answers="name-first")
     assert [c[:-1] for c in name_first] == [c[:-1] for c in conversations]
-    assert all("Crohcirtep" in " ".join(c[-1]["content"].split()[:5]) for c in name_first)
-    assert not all("Crohcirtep" in " ".join(c[-1]["content"].split()[:5]) for c in conversations)
+    assert all(named_early(c[-1]["content"]) for c in name_first)
+    assert not all(named_early(c[-1]["content"]) for c in conversations)
     trained_cores = set(identity.TRAIN_QUESTIONS)
     assert not trained_cores & set(identity.HELDOUT_QUESTIONS)
     assert not set(identity.GENERAL_HELDOUT) & questions and len(identity.GENERAL_HELDOUT) == 50
@@ -133,8 +136,7 @@ def test_identity_generator_is_varied_and_holds_out_phrasings(tmp_path):
     assert main(["identity", "--name", "Ada", "--out", str(out), "--count", "30"]) == 0
     assert len(out.read_text().splitlines()) == 30
     assert main(["identity", "--name", "Ada", "--out", str(out), "--count", "30", "--answers", "name-first"]) == 0
-    assert all(" ".join(json.loads(line)["messages"][-1]["content"].split()[:5]).count("Ada")
-               for line in out.read_text().splitlines())
+    assert all(named_early(json.loads(line)["messages"][-1]["content"], "Ada") for line in out.read_text().splitlines())
     with pytest.raises(SystemExit):
         main(["identity", "--name", "Ada", "--out", str(out), "--answers", "owner-last"])
     held = [json.loads(line) for line in (tmp_path / "assistant.heldout.jsonl").read_text().splitlines()]
