@@ -141,3 +141,16 @@ def test_identity_generator_is_varied_and_holds_out_phrasings(tmp_path):
         main(["identity", "--name", "Ada", "--out", str(out), "--answers", "owner-last"])
     held = [json.loads(line) for line in (tmp_path / "assistant.heldout.jsonl").read_text().splitlines()]
     assert {h["kind"] for h in held} == {"identity", "general"} and len(held) == 80 + 50
+
+
+def test_distillation_prompts_are_new_questions_and_keep_their_order_as_the_pool_grows():
+    prompts = identity.distill_prompts(10**6)
+    assert len(prompts) == len(set(prompts)) == 582
+    # none is a held-out question or one of the recipe's chat-eval prompts
+    held_out = set(identity.GENERAL_HELDOUT) | set(identity.heldout_questions())
+    assert not held_out & set(prompts)
+    assert not [p for p in prompts if "'fast'" in p or p == "Who are you?"]
+    # each block comes after the earlier ones: `--distill 240` and `--distill 406` write what they always wrote
+    assert identity.distill_prompts(406)[:240] == identity.distill_prompts(240)
+    assert prompts[:406] == identity.distill_prompts(406)
+    assert set(prompts[406:]) == {t.format(i) for t, items in identity.EXTRA_SHORT_TEMPLATES.items() for i in items}

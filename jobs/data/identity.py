@@ -235,9 +235,63 @@ MORE_SHORT_TEMPLATES = {
 }
 
 
+# A third block (2026-12-05): more short questions, for the openings (docs/finetune.md, "Runs 24-"). After the
+# others, so `--distill 406` still writes the prompts the recipe was measured with.
+EXTRA_SHORT_TEMPLATES = {
+    "What is the capital of {}?": ["Ireland", "Chile", "Thailand", "Poland", "Turkey", "Vietnam", "Sweden",
+                                   "Argentina", "Nigeria", "Cuba"],
+    "Give me a synonym for '{}'.": ["sad", "easy", "old", "cold", "large", "calm", "kind", "clever", "shiny",
+                                    "scared"],
+    "What is the opposite of '{}'?": ["hot", "happy", "wide", "up", "full", "rich", "inside", "day", "hard",
+                                      "first", "near"],
+    "What is {}?": ["8 times 9", "13 plus 28", "64 divided by 8", "50 minus 17", "the square root of 64",
+                    "7 squared", "a third of 60", "11 plus 12"],
+    "How many {}?": ["hours are in a week", "days are in June", "sides does an octagon have",
+                     "teeth does an adult human have", "bones are in the human body", "planets are in our solar system",
+                     "strings does a guitar have", "minutes are in a day"],
+    "Translate '{}.": ["good evening' into French", "thank you' into Spanish", "dog' into German",
+                      "please' into Italian", "house' into Spanish", "goodbye' into French"],
+    "Name {}.": ["a reptile", "a fruit that grows on trees", "a famous scientist", "a type of cloud",
+                 "a country in South America", "a color of the rainbow", "a woodwind instrument",
+                 "a Greek god", "a winter sport", "a metal"],
+    "Who wrote {}?": ["Macbeth", "Moby-Dick", "The Divine Comedy", "Frankenstein", "Oliver Twist",
+                      "The Little Prince"],
+    "Who painted {}?": ["The Last Supper", "Water Lilies", "The Night Watch", "The Persistence of Memory"],
+    "Who invented {}?": ["the telephone", "the light bulb", "the printing press", "the airplane"],
+    "What is {}? Answer in one sentence.": ["a pronoun", "a molecule", "an island", "gravity on the moon",
+                                            "a fraction", "a mammal", "a metaphor", "a desert"],
+    "What is the chemical symbol for {}?": ["copper", "lead", "hydrogen", "potassium", "calcium"],
+    "What language is spoken in {}?": ["Portugal", "Japan", "Iran", "the Netherlands", "Greece"],
+    "What is the currency of {}?": ["Canada", "China", "Brazil", "South Africa"],
+    "What is the {} planet from the Sun?": ["closest", "hottest", "smallest", "farthest"],
+    "What is the largest {}?": ["continent", "bird", "lake in Africa", "bone in the human body"],
+    "What does {} stand for?": ["GPS", "PDF", "WHO", "ATM", "FAQ"],
+    "What does a {} measure?": ["barometer", "ruler", "scale", "speedometer", "clock"],
+    "What is the boiling point of {}?": ["ethanol", "milk", "olive oil"],
+    "What color do you get by mixing {}?": ["red and white", "red and blue", "red and yellow", "black and white"],
+    "How many legs does {} have?": ["a dog", "an ant", "a crab", "an octopus", "a bird"],
+    "What do {} make?": ["spiders", "silkworms", "cows", "beavers"],
+    "Name the {} month of the year.": ["last", "third", "sixth", "ninth"],
+    "Give one tip for {}.": ["drinking more water", "studying for a test",
+                             "keeping a plant alive", "running faster"],
+    "Write {}.": ["a haiku about a mountain", "one sentence about winter", "a haiku about the wind",
+                  "one sentence about the sea", "a short poem about the sun"],
+    "Suggest a name for {}.": ["a pet rabbit", "a coffee shop", "a sailboat", "a parrot"],
+    "List two {}.": ["vegetables that are green", "animals that can fly", "countries in Europe",
+                     "things that are hot", "fruits that are orange"],
+    "Why do {}?": ["we need sleep", "stars twinkle", "ice cubes float", "dogs wag their tails"],
+    "What is the main function of {}?": ["the lungs", "the kidneys", "the brain", "a root"],
+    "Explain {} in one sentence.": ["a rainbow", "an earthquake", "digestion"],
+    "Which animal {}?": ["has black and white stripes", "can change its color", "sleeps upside down",
+                         "is the largest on Earth"],
+    "What is the tallest {}?": ["mountain in the world", "building in the world", "tree species"],
+    "What gas do {}?": ["humans breathe out", "we need to breathe", "balloons often contain"],
+}
+
+
 def distill_prompts(count: int, seed: int = 0) -> list[str]:
     """`count` general prompts for self-distillation: short questions and the replay tasks, shuffled; then
-    MORE_SHORT_TEMPLATES's, shuffled."""
+    MORE_SHORT_TEMPLATES's, shuffled; then EXTRA_SHORT_TEMPLATES's, shuffled."""
     def filled(templates: dict[str, list[str]]) -> list[str]:
         return [template.format(item) for template, items in templates.items() for item in items]
 
@@ -245,4 +299,6 @@ def distill_prompts(count: int, seed: int = 0) -> list[str]:
     random.Random(seed + 2).shuffle(prompts)
     more = filled(MORE_SHORT_TEMPLATES)
     random.Random(seed + 3).shuffle(more)
-    return (prompts + more)[:count]
+    extra = filled(EXTRA_SHORT_TEMPLATES)
+    random.Random(seed + 4).shuffle(extra)
+    return (prompts + more + extra)[:count]
