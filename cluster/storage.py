@@ -34,6 +34,10 @@ import pyarrow.fs as pafs
 from cluster.paths import cache_dir
 
 SCHEMES = ("s3", "gs", "gcs", "file")
+# Downloads read objects in 64 MiB pieces, one ranged GET each, where pyarrow's copy_files reads 1 MiB: the
+# embedded model's weights were 514 requests. An S3-compatible server that reads the whole object for each
+# range (moto, which `cluster.local` runs) took minutes for them (python -m jobs.bench.storage_download).
+DOWNLOAD_CHUNK_BYTES = 64 << 20
 
 
 class StorageError(RuntimeError):
@@ -147,7 +151,8 @@ class Location:
             raise StorageError(f"{self.uri}: not found in storage")
         if kind == pafs.FileType.Directory:
             local.mkdir(parents=True, exist_ok=True)  # copy_files writes into it, it does not create it
-        _call(self, lambda: pafs.copy_files(self.path, str(local), source_filesystem=self.fs))
+        _call(self, lambda: pafs.copy_files(self.path, str(local), source_filesystem=self.fs,
+                                            chunk_size=DOWNLOAD_CHUNK_BYTES))
         return local
 
     def copy_to(self, target: "Location") -> None:
@@ -157,7 +162,7 @@ class Location:
         if target.is_local and self.is_dir():  # copy_files writes into a local folder, it does not create it
             Path(target.path).mkdir(parents=True, exist_ok=True)
         _call(self, lambda: pafs.copy_files(self.path, target.path, source_filesystem=self.fs,
-                                            destination_filesystem=target.fs))
+                                            destination_filesystem=target.fs, chunk_size=DOWNLOAD_CHUNK_BYTES))
 
 
 def _call(location: Location, action):

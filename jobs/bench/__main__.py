@@ -11,10 +11,11 @@
     python -m jobs.bench prefix --routings power_of_two,round_robin,prefix --replicas 2 --sessions 16
     python -m jobs.bench quantize --contender fp32=default --contender w8a8=runs/quantized/smollm2-w8a8
 
-Two more are modules of their own:
+Three more are modules of their own:
 
     python -m jobs.bench.loss_logits --config jobs/configs/assistant_cpu.yaml   (fine-tune step: all logits vs needed)
     python -m jobs.bench.recipe_sweep --model /tmp/smol --variants '[...]'      (#21 recipe variants vs the base, GPU)
+    python -m jobs.bench.storage_download                                       (a model from S3: 1 MiB reads vs 64 MiB)
 """
 
 from __future__ import annotations
