@@ -321,23 +321,28 @@ def up(num_cpus: int | None = None, nodes: int = 1, node_cpus: int = 2) -> None:
         print(f"{nodes} nodes up; storage {storage_env(state)['TUNESERVE_STORAGE']} at {state.s3_endpoint}")
 
 
-def _start_s3(state: ClusterState) -> int:
-    """moto's S3 server on the bridge address: the object store the nodes share, with our bucket."""
+def start_moto(host: str, port: int, log: Path) -> subprocess.Popen:
+    """moto's S3 server on host:port, logging to `log`; returns once it accepts connections."""
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
     if not moto:
-        raise SystemExit("the multi-node cluster needs moto's S3 server: pip install 'moto[server]'")
-    log = open(ray_dir() / "s3.log", "w")
-    process = subprocess.Popen([moto, "-H", state.network.head_ip, "-p", str(state.s3_port)], stdout=log,
+        raise SystemExit("moto's S3 server is not installed next to this Python: pip install 'moto[server]'")
+    process = subprocess.Popen([moto, "-H", host, "-p", str(port)], stdout=open(log, "w"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30
     while True:
         try:
-            with socket.create_connection((state.network.head_ip, state.s3_port), timeout=1):
-                break
+            with socket.create_connection((host, port), timeout=1):
+                return process
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the S3 server did not start; see {log.name}")
+                process.kill()
+                raise SystemExit(f"the S3 server did not start; see {log}")
             time.sleep(0.2)
+
+
+def _start_s3(state: ClusterState) -> int:
+    """moto's S3 server on the bridge address: the object store the nodes share, with our bucket."""
+    process = start_moto(state.network.head_ip, state.s3_port, ray_dir() / "s3.log")
     import pyarrow.fs as pafs
 
     fs = pafs.S3FileSystem(endpoint_override=f"{state.network.head_ip}:{state.s3_port}", scheme="http",

@@ -13,27 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_port
+from cluster.local import free_port, start_moto
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def start_s3(port: int, log: Path) -> subprocess.Popen:
-    moto = Path(sys.executable).parent / "moto_server"
-    process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
-                               stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    import socket
-
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +25,7 @@ def s3(tmp_path_factory):
     """A moto S3 server with bucket `tuneserve`; the environment points at it while the module runs."""
     port = free_port()
     log = tmp_path_factory.mktemp("s3") / "s3.log"
-    process = start_s3(port, log)
+    process = start_moto("127.0.0.1", port, log)
     env = {**KEYS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "TUNESERVE_STORAGE": "s3://tuneserve/root"}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)

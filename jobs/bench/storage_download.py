@@ -20,37 +20,9 @@ import hashlib
 import os
 import platform
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(log_dir: Path) -> tuple[subprocess.Popen, str]:
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    if not moto:
-        raise SystemExit("no moto_server next to this Python: pip install 'moto[server]', or pass --uri")
-    port = _free_port()
-    process = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=open(log_dir / "s3.log", "w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit(f"moto's S3 server did not start; see {log_dir / 's3.log'}")
-            time.sleep(0.2)
 
 
 def _sha256(path: Path) -> str:
@@ -76,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     import pyarrow.fs as pafs
 
     from cluster import storage
+    from cluster.local import free_port, start_moto
 
     chunks = [storage.DOWNLOAD_CHUNK_BYTES if c.strip() == "project" else int(c) << 20 for c in args.chunks.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-storage-"))
@@ -84,10 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.uri:
             location = storage.locate(args.uri)
         else:
-            server, endpoint = _start_moto(work)
+            port = free_port()
+            server, endpoint = start_moto("127.0.0.1", port, work / "s3.log"), f"http://127.0.0.1:{port}"
             os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
                                "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_EC2_METADATA_DISABLED": "true"})
-            pafs.S3FileSystem(endpoint_override=endpoint.split("//")[1], scheme="http", access_key="bench",
+            pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="bench",
                               secret_key="bench-secret", region="us-east-1",
                               allow_bucket_creation=True).create_dir("bench")
             source = work / "object.bin"
@@ -97,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             location = storage.locate("s3://bench/object.bin")
             started = time.monotonic()
             location.upload(source)
-            print(f"uploaded {args.size_mb} MB to moto at {endpoint} in {time.monotonic() - started:.1f} s")
+            print(f"uploaded {args.size_mb} MiB to moto at {endpoint} in {time.monotonic() - started:.1f} s")
         size = location.fs.get_file_info(location.path).size
         expected = None
         rows: dict[int, list[float]] = {c: [] for c in chunks}
