@@ -235,8 +235,8 @@ MORE_SHORT_TEMPLATES = {
 }
 
 
-# A third block (2026-12-05): more short questions, for the openings (docs/finetune.md, "Runs 24-"). After the
-# others, so `--distill 406` still writes the prompts the recipe was measured with.
+# A third block (2026-12-05): more short questions, for the openings (docs/finetune.md, the seventh sweep and
+# runs 24-25). After the others, so `--distill 406` still writes the prompts earlier recipes were measured with.
 EXTRA_SHORT_TEMPLATES = {
     "What is the capital of {}?": ["Ireland", "Chile", "Thailand", "Poland", "Turkey", "Vietnam", "Sweden",
                                    "Argentina", "Nigeria", "Cuba"],
