@@ -141,6 +141,7 @@ def test_bad_recipes_fail_before_training(tmp_path, tiny_llama, identity_data):
         ("data.max_length=20",): "no example has a supervised (assistant) token left",
         ("train.grad_accum=100000",): "fewer than one optimizer step needs",
         ("train.epochs=-1",): "train.epochs: Input should be greater than 0",
+        ("model.attn_implementation=packed",): "model.attn_implementation: Input should be 'sdpa', 'packed_sdpa'",
         ("oops",): "expected key.sub=value",
     }
     for overrides, message in cases.items():
@@ -157,6 +158,50 @@ def test_bad_recipes_fail_before_training(tmp_path, tiny_llama, identity_data):
     assert result.returncode == 2 and "bad.jsonl:1: invalid JSON" in result.stderr
     result = finetune(tmp_path / "nope.yaml")
     assert result.returncode == 2 and "nope.yaml: config file not found" in result.stderr
+
+
+# -- packed attention -----------------------------------------------------------------------------------
+
+
+def test_packed_sdpa_is_each_example_alone_and_sdpa_elsewhere(tiny_llama):
+    """`model.attn_implementation: packed_sdpa`: on packed rows (two rows, three examples and padding) each
+    example's logits are those of the example run alone, and the gradients are sdpa's with its block mask;
+    generation (a KV cache, left padding) is sdpa's token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.data.tokenize import IGNORE, Example, collate
+    from jobs.finetune import attention
+
+    attention.register()
+    sdpa, packed = (AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=impl)
+                    for impl in ("sdpa", attention.NAME))
+    examples = [list(range(5, 25)), list(range(40, 50)), list(range(60, 75))]
+    rows = [Example(examples[0] + examples[1], [IGNORE] * 30, list(range(20)) + list(range(10))),
+            Example(examples[2], [IGNORE] * 15)]
+    batch = collate(rows, pad_id=0, multiple=16)
+    assert batch["input_ids"].shape == (2, 32) and attention.example_starts(batch["position_ids"]) == [[0, 20, 30],
+                                                                                                       [0, 15]]
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    got = packed(**inputs).logits
+    for row, start, ids in [(0, 0, examples[0]), (0, 20, examples[1]), (1, 0, examples[2])]:
+        with torch.no_grad():
+            alone = sdpa(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        torch.testing.assert_close(got[row, start:start + len(ids)], alone, rtol=1e-4, atol=1e-4)
+    got[:, :30].logsumexp(-1).sum().backward()
+    sdpa(**inputs).logits[:, :30].logsumexp(-1).sum().backward()
+    for (name, a), (_, b) in zip(packed.named_parameters(), sdpa.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.padding_side = "left"
+    prompts = tokenizer(["Who are you?", "What is the capital of France, the country?"], return_tensors="pt",
+                        padding=True)
+    assert (prompts["attention_mask"] == 0).any()
+    with torch.no_grad():
+        want, generated = (model.generate(**prompts, max_new_tokens=12, do_sample=False, use_cache=True,
+                                          pad_token_id=tokenizer.pad_token_id) for model in (sdpa, packed))
+    assert torch.equal(generated, want)
 
 
 # -- methods and strategies ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@
 
 Three more are modules of their own:
 
-    python -m jobs.bench.loss_logits --config jobs/configs/assistant_cpu.yaml   (fine-tune step: all logits vs needed)
+    python -m jobs.bench.train_step --config jobs/configs/assistant_cpu.yaml --compare logits|attention  (fine-tune step)
     python -m jobs.bench.recipe_sweep --model /tmp/smol --variants '[...]'      (#21 recipe variants vs the base, GPU)
     python -m jobs.bench.storage_download                                       (a model from S3: 1 MiB reads vs 64 MiB)
 """

@@ -29,7 +29,10 @@ class ModelSection(Strict):
     # With gradient_checkpointing: recompute one decoder layer in every N. 1 checkpoints all (least memory);
     # 2 keeps half the layers' activations for about half the recompute.
     checkpoint_every: int = Field(1, ge=1)
-    attn_implementation: str = "sdpa"
+    # packed_sdpa: one causal SDPA per packed example instead of sdpa's L x L block mask over the whole row
+    # (jobs/finetune/attention.py); the same attention for less work when data.packing is on.
+    attn_implementation: Literal["sdpa", "packed_sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = "sdpa"
 
 
 class LoraSection(Strict):

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from jobs.export.hf import DTYPES
+from jobs.finetune import attention
 from jobs.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def build_model(cfg: FinetuneConfig, model_path: str, dtype_name: str, device: t
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[dtype_name]
+    if cfg.model.attn_implementation == attention.NAME:
+        attention.register()
     kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation}
     if cfg.model.method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg, dtype)
