@@ -3,10 +3,9 @@
 Packing puts several examples in one row, with position ids restarting at 0 for each (jobs/data/tokenize.py).
 With "sdpa", transformers turns those restarts into a dense L x L block-diagonal mask, and SDPA computes
 all L^2 scores of the row before masking most of them away. "packed_sdpa" cuts the row at the restarts and
-runs causal SDPA on each example alone: the same attention, from sum(n_i^2) scores instead of L^2. On a
-1,024-token row of ~100-token examples that is about a tenth of the attention work; on this CPU a training row
-of the assistant recipe runs 1.31x faster (docs/benchmarks.md,
-`python -m jobs.bench.train_step --compare attention`).
+runs causal SDPA on each example alone: the same attention, from sum(n_i^2) scores instead of L^2. The assistant
+recipe's examples average 43 tokens, so its rows need a small part of their L^2 scores; on this CPU its training
+rows run 1.31x faster (docs/benchmarks.md, `python -m jobs.bench.train_step --compare attention`).
 
 The examples are read from the position ids alone, as collate makes them (padding is its own example);
 any 2D padding mask of a packed row is not consulted. Everything that is not a packed row (generation
