@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         total += labels.shape[1]
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-        "compare": args.compare, "model": cfg.model.path, "method": cfg.model.method, "rows": args.rows, "row_tokens": cfg.data.max_length,
+        "compare": args.compare, "model": cfg.model.path, "method": cfg.model.method, "rows": args.rows,
+        "row_tokens": cfg.data.max_length,
         "needed_share": round(needed / total, 3),
         **{f"{name} s/row (median)": round(statistics.median(values), 3) for name, values in times.items()},
         **{f"{name} s (total)": round(sum(values), 1) for name, values in times.items()},

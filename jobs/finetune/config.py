@@ -31,7 +31,7 @@ class ModelSection(Strict):
     checkpoint_every: int = Field(1, ge=1)
     # packed_sdpa: one causal SDPA per packed example instead of sdpa's L x L block mask over the whole row
     # (jobs/finetune/attention.py); the same attention for less work when data.packing is on. Measured on CPU
-    # (1.31x a step of the assistant recipe); not on GPU, where flash_attention_2 is the usual answer.
+    # (1.31x per training row of the assistant recipe); not on GPU, where flash_attention_2 is the usual answer.
     attn_implementation: Literal["sdpa", "packed_sdpa", "eager", "flash_attention_2", "flash_attention_3",
                                  "flex_attention"] = "sdpa"
 
