@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 
@@ -87,6 +88,8 @@ def token_kl(base: str, tuned: str, pairs: list[tuple[str, str]]) -> float:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":  # every core of the node: a Ray task with num_cpus=1 starts with OMP_NUM_THREADS=1
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     paths = [resolve_model_path(base), resolve_model_path(tuned)]
     tokenizer = AutoTokenizer.from_pretrained(paths[0])
     base_model, tuned_model = (AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
