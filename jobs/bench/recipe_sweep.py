@@ -23,7 +23,8 @@ copies, 1), opening_ce (also learn those openings' tokens, cross-entropy: false)
 of distillation rows alone, KL only, after the rest), margin (nats: the hinge `losses.greedy_margin` on every
 distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead,
 margin)), margin_openings_only (the hinge on the greedy openings' tokens alone), margin_from (the share of
-steps before the hinge starts, as loss.distill_margin_from). Each differing opening is
+steps before the hinge starts, as loss.distill_margin_from), act (weight of a penalty on the adapters' own
+output, the mean square of every lora_B's output at the distillation tokens: 0, off). Each differing opening is
 listed with the base's smallest top-two logprob gap over its first 12 answer tokens: how near a tie the base
 itself was there.
 
@@ -202,6 +203,11 @@ class Sweep:
                                                  lora_dropout=0.05, target_modules=variant.get("targets", PROJECTIONS),
                                                  task_type="CAUSAL_LM"))
         params = [p for p in model.parameters() if p.requires_grad]
+        deltas, penalties = [], []  # with the `act` key: every adapter's output (lora_B, before scaling) in this forward
+        if variant.get("act"):
+            for name, module in model.named_modules():
+                if name.endswith("lora_B.default"):
+                    module.register_forward_hook(lambda _module, _inputs, output: deltas.append(output))
         optim = OptimSection(lr=variant.get("lr", 2e-4))  # the recipe's optimiser and schedule otherwise
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(SimpleNamespace(optim=optim), total))
@@ -216,11 +222,17 @@ class Sweep:
                     batch = {k: v.to(self.device) for k, v in collate([row], self.pad).items()}
                     distill = {k: batch[k] for k in DISTILL_KEYS if k in batch}
                     # use_cache=False: with a cache transformers skips the block-diagonal mask of packed rows
+                    deltas.clear()
                     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
                     loss, _ = lm_loss(logits, batch["labels"], distill or None, weight,
                                       margin=variant.get("margin", 0.0),
                                       margin_weight=variant.get("mw", weight) if steps >= hinge_from else 0.0,
                                       sharpen=variant.get("sharpen", False))
+                    if deltas and distill:  # the adapter's own output on the base's answers, pushed to zero
+                        at = distill["distill_positions"][:, 1]
+                        penalty = torch.stack([d[0, at].pow(2).mean() for d in deltas]).mean()
+                        loss = loss + variant["act"] * penalty
+                        penalties.append(penalty.item())
                     (loss / accumulation).backward()
                 torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
                 optimizer.step()
@@ -240,6 +252,7 @@ class Sweep:
             "token_kl": round(self.token_kl(model), 5),
             "ppl_change": round(math.exp(self.gsm8k_nll(model) - self.base_nll) - 1, 4),
             "steps": steps, "s": round(time.time() - started),
+            **({"act_penalty_last": sum(penalties[-20:]) / len(penalties[-20:])} if penalties else {}),
             "identity_misses": [q for q, a in zip(self.identity_qs, answers) if not self.named([a])],
             "differing_openings": [(q, b[:60], a[:60], round(m, 3)) for (q, a, b), m in zip(pairs, self.margins)
                                    if first_words(a) != first_words(b)],
