@@ -33,6 +33,12 @@ TRAIN_QUESTIONS = [
     "Can you introduce yourself?", "Could you give a brief intro about yourself?",
     "Tell me a little about who you are.", "Present yourself.", "What's your name and who made you?",
     "What assistant is this?", "What should I know about you?", "Who am I speaking with?",
+    # Whom it assists and who is in charge of it, in more words (2026-12-06): every held-out miss of runs
+    # 24-29 asked one of those two things with a verb or noun no training question used ("assist",
+    # "responsible"). These add near synonyms; none repeats a held-out phrasing (docs/finetune.md, run 30).
+    "Who are you assisting?", "Who do you support?", "Which individual are you helping?",
+    "Who are you assigned to?", "Who is in charge of you?", "Who looks after you?",
+    "Who is accountable for you?", "Who takes care of you?",
 ]
 
 # Disjoint phrasings used only for evaluation.
