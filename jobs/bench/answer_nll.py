@@ -1,5 +1,5 @@
 """GSM8K answer NLL, the assistant evaluation's largest part (jobs.evaluate.assistant), two ways side by side
-in one process:
+in one process, on this machine's CPU (float32; the evaluation's CPU engine settings):
 
 - vllm: what the evaluation runs, one offline vLLM engine with prompt logprobs
   (`jobs.evaluate.quality.QualityEngine.answer_nll`), which projects every prompt position onto the vocabulary;
@@ -25,31 +25,26 @@ from pathlib import Path
 
 
 def packed_answer_nll(model, tokenizer, pairs: list[tuple[str, str]], row_tokens: int = 1024) -> tuple[float, int]:
-    """Summed NLL of each answer's tokens given its question (chat template), and how many, in transformers."""
+    """Summed NLL of each answer's tokens given its question (chat template), and how many, in transformers:
+    the answers become training examples labelled from the answer on, packed and read as the fine-tune's
+    loss reads them (`pack`, `collate`, `loss_positions`)."""
     import torch
 
+    from jobs.data.tokenize import IGNORE, Example, collate, pack, padding_id
     from jobs.evaluate.quality import answer_spans
+    from jobs.finetune.losses import loss_positions
 
-    rows, row = [], []
-    for ids, start in (answer_spans(tokenizer, q, a) for q, a in pairs):
-        if row and sum(len(i) for i, _ in row) + len(ids) > row_tokens:
-            rows.append(row)
-            row = []
-        row.append((ids, start))
-    rows += [row] if row else []
+    examples = [Example(ids, [IGNORE] * start + ids[start:])
+                for ids, start in (answer_spans(tokenizer, q, a) for q, a in pairs)]
     total, count = 0.0, 0
     with torch.inference_mode():
-        for row in rows:
-            keep, targets, offset = [], [], 0
-            for ids, start in row:  # position p predicts token p + 1
-                first = max(start, 1)
-                keep += range(offset + first - 1, offset + len(ids) - 1)
-                targets += ids[first:]
-                offset += len(ids)
-            logits = model(input_ids=torch.tensor([[t for ids, _ in row for t in ids]]),
-                           position_ids=torch.tensor([[p for ids, _ in row for p in range(len(ids))]]),
-                           use_cache=False, logits_to_keep=torch.tensor(keep)).logits[0]
-            total -= torch.log_softmax(logits, -1).gather(1, torch.tensor(targets)[:, None]).sum().item()
+        for row in pack(examples, row_tokens):
+            batch = collate([row], padding_id(tokenizer))
+            keep = loss_positions(batch["labels"], None)  # position p predicts token p + 1
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           logits_to_keep=keep).logits[0]
+            targets = batch["labels"][0, keep + 1]
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += len(targets)
     return total, count
 
