@@ -204,10 +204,9 @@ class Sweep:
                                                  task_type="CAUSAL_LM"))
         params = [p for p in model.parameters() if p.requires_grad]
         deltas, penalties = [], []  # with the `act` key: every adapter's output (lora_B, before scaling) in this forward
-        if variant.get("act"):
-            for name, module in model.named_modules():
-                if name.endswith("lora_B.default"):
-                    module.register_forward_hook(lambda _module, _inputs, output: deltas.append(output))
+        hooks = [module.register_forward_hook(lambda _module, _inputs, output: deltas.append(output))
+                 for name, module in model.named_modules()
+                 if variant.get("act") and name.endswith("lora_B.default")]
         optim = OptimSection(lr=variant.get("lr", 2e-4))  # the recipe's optimiser and schedule otherwise
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(SimpleNamespace(optim=optim), total))
@@ -239,6 +238,9 @@ class Sweep:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
+        for hook in hooks:  # training only: the evaluation's forwards need no adapter outputs kept
+            hook.remove()
+        deltas.clear()
         model.eval()
         answers = self.answers(model)
         general = answers[len(self.identity_qs):]
