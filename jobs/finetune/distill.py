@@ -8,8 +8,13 @@ distribution there towards the base's (jobs/finetune/losses.py) instead of towar
 With `distill_opening_tokens` = k the same engine also answers each prompt greedily up to k tokens: one more
 short example per prompt, on how the base's greedy answer opens.
 
-The targets are kept in the run's storage folder (`distill_targets.json.gz`): a resumed or re-submitted run
-trains on the same ones, since CPU sampling cannot be seeded (see jobs/evaluate/runners.py).
+The sampled answers are reproducible without per-request seeds (vLLM's CPU backend fails on those when it
+samples, see jobs/evaluate/runners.py): the teacher's engine runs in its own process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so every prompt is queued before the first step and the batches, and with
+them the draws from the engine's seeded generator, are the same in every run. With a separate engine-core
+process the first steps raced the queueing, and the same recipe gave three different sets of answers
+(docs/finetune.md). The targets are also kept in the run's storage folder (`distill_targets.json.gz`): a
+resumed or re-submitted run trains on the same ones without a second teacher run.
 """
 
 from __future__ import annotations
@@ -81,8 +86,9 @@ def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool)
 
     from serve_app.engine import CPU_ENGINE_ENV
 
-    options = {"num_gpus": 1, "num_cpus": 1} if on_gpu else {
-        "num_cpus": 1, "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)}}
+    in_process = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # reproducible batches: see the module's docstring
+    options = {"num_gpus": 1, "num_cpus": 1, "runtime_env": {"env_vars": in_process}} if on_gpu else {
+        "num_cpus": 1, "runtime_env": {"env_vars": {**CPU_ENGINE_ENV, **in_process}}}
     started = time.perf_counter()
     engine = ray.remote(TeacherEngine).options(**options).remote(
         cfg.model.path, "bfloat16" if on_gpu else "float32", cfg.data.max_length, on_gpu)
