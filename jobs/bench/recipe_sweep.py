@@ -24,7 +24,9 @@ of distillation rows alone, KL only, after the rest), margin (nats: the hinge `l
 distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead,
 margin)), margin_openings_only (the hinge on the greedy openings' tokens alone), margin_from (the share of
 steps before the hinge starts, as loss.distill_margin_from), act (weight of a penalty on the adapters' own
-output, the mean square of every lora_B's output at the distillation tokens: 0, off). Each differing opening is
+output, the mean square of every lora_B's output at the distillation tokens: 0, off), null (a share f of each
+adapted projection's input directions: the adapter reads only the f·d directions in which the base's inputs on the
+distillation answers have the least energy, as AlphaEdit's null-space projection; 0: off). Each differing opening is
 listed with the base's smallest top-two logprob gap over its first 12 answer tokens: how near a tie the base
 itself was there.
 
@@ -74,6 +76,8 @@ class Sweep:
         self.row_tokens = 48 if smoke else 1024
         self.base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
         self.teacher: dict[tuple, list[dict]] = {}
+        self.teacher_covariance: dict[tuple, dict] = {}  # the `null` key's eigenvectors, per teacher
+        self.held_out_covariance: dict[str, dict] = {}  # and its diagnostics' inputs
         started = time.time()
         answers = self.answers(self.base)
         self.base_general = answers[len(self.identity_qs):]
@@ -155,6 +159,62 @@ class Sweep:
         return answer_kl(self.tok, base_logits, lambda ids: model(input_ids=ids).logits,
                          list(zip(self.general_qs, self.base_general)), self.device)
 
+    def covariances(self, sequences: list[list[int]], modules: set[str]) -> dict:
+        """Σ x xᵀ (float64) of each named module's input over every token of the sequences, under the base."""
+        import torch
+
+        sums: dict = {}
+
+        def record(name):
+            def hook(_module, inputs):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                sums[name] = sums.get(name, 0) + x.T @ x
+            return hook
+
+        handles = [m.register_forward_pre_hook(record(n)) for n, m in self.base.named_modules() if n in modules]
+        with torch.no_grad():
+            for ids in sequences:  # one at a time: no padding tokens in the sums
+                self.base(input_ids=torch.tensor([ids], device=self.device))
+        for handle in handles:
+            handle.remove()
+        return sums
+
+    def projectors(self, seed: int, sampled: list[dict], targets: list[str], share: float) -> dict:
+        """Per adapted module, the projector onto the `share` of its input directions with the least energy on the
+        distillation answers (the tokens the KL trains on). Prints how much energy each held-out set has there."""
+        import torch
+
+        modules = {n for n, _ in self.base.named_modules() if n.rsplit(".", 1)[-1] in targets}
+        key = (seed, len(sampled), tuple(sorted(targets)))
+        if key not in self.teacher_covariance:
+            self.teacher_covariance[key] = {
+                n: torch.linalg.eigh(c) for n, c in
+                self.covariances([t["prompt_ids"] + t["answer_ids"] for t in sampled], modules).items()}
+        if not self.held_out_covariance:
+            chat = lambda messages, generation: self.tok(self.tok.apply_chat_template(  # noqa: E731
+                messages, tokenize=False, add_generation_prompt=generation), add_special_tokens=False)["input_ids"]
+            sets = {"general held-out (base answers)": [chat([{"role": "user", "content": q},
+                                                              {"role": "assistant", "content": a}], False)
+                                                        for q, a in zip(self.general_qs, self.base_general)],
+                    "identity held-out (questions)": [chat([{"role": "user", "content": q}], True)
+                                                      for q in self.identity_qs],
+                    "identity training": [chat(c, False) for c in self.conversations]}
+            self.held_out_covariance = {name: self.covariances(seqs, {n for n, _ in self.base.named_modules()
+                                                                      if n.rsplit(".", 1)[-1] in PROJECTIONS})
+                                        for name, seqs in sets.items()}
+        found, shares = {}, {}
+        for name, (values, vectors) in self.teacher_covariance[key].items():
+            count = max(1, round(share * len(values)))  # eigh: ascending eigenvalues, so the least energy first
+            kept = vectors[:, :count]
+            found[name] = (kept @ kept.T).float()
+            shares.setdefault("distillation answers", []).append((values[:count].sum() / values.sum()).item())
+            for label, covariance in self.held_out_covariance.items():
+                c = covariance[name]
+                shares.setdefault(label, []).append(((kept.T @ c @ kept).trace() / c.trace()).item())
+        print(json.dumps({"null": share, "energy_share_in_adapter_input": {
+            label: f"{sum(v) / len(v):.2e}" for label, v in shares.items()}}), flush=True)
+        return found
+
     def targets(self, seed: int, prompts: list[list[dict]], max_tokens: int, greedy: bool = False) -> list[dict]:
         key = (seed, len(prompts), max_tokens, greedy)
         if key not in self.teacher:
@@ -202,6 +262,22 @@ class Sweep:
         model = get_peft_model(model, LoraConfig(r=variant.get("r", 16), lora_alpha=variant.get("alpha", 32),
                                                  lora_dropout=0.05, target_modules=variant.get("targets", PROJECTIONS),
                                                  task_type="CAUSAL_LM"))
+        if variant.get("null"):  # lora_A reads x through P: W_A -> W_A P, so the adapter ignores the base's main directions
+            from torch.nn.utils import parametrize
+
+            class Project(torch.nn.Module):
+                def __init__(self, projector):
+                    super().__init__()
+                    self.register_buffer("projector", projector)
+
+                def forward(self, weight):
+                    return weight @ self.projector
+
+            projectors = self.projectors(seed, sampled, variant.get("targets", PROJECTIONS), variant["null"])
+            for name, module in model.named_modules():
+                if name.endswith(".lora_A.default"):
+                    base_name = name.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+                    parametrize.register_parametrization(module, "weight", Project(projectors[base_name]))
         params = [p for p in model.parameters() if p.requires_grad]
         deltas, penalties = [], []  # with the `act` key: every adapter's output (lora_B, before scaling) in this forward
         hooks = [module.register_forward_hook(lambda _module, _inputs, output: deltas.append(output))
