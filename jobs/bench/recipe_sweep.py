@@ -191,17 +191,19 @@ class Sweep:
                 n: torch.linalg.eigh(c) for n, c in
                 self.covariances([t["prompt_ids"] + t["answer_ids"] for t in sampled], modules).items()}
         if not self.held_out_covariance:
-            chat = lambda messages, generation: self.tok(self.tok.apply_chat_template(  # noqa: E731
-                messages, tokenize=False, add_generation_prompt=generation), add_special_tokens=False)["input_ids"]
+            def chat(messages: list[dict], generation: bool) -> list[int]:
+                text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+                return self.tok(text, add_special_tokens=False)["input_ids"]
+
             sets = {"general held-out (base answers)": [chat([{"role": "user", "content": q},
                                                               {"role": "assistant", "content": a}], False)
                                                         for q, a in zip(self.general_qs, self.base_general)],
                     "identity held-out (questions)": [chat([{"role": "user", "content": q}], True)
                                                       for q in self.identity_qs],
                     "identity training": [chat(c, False) for c in self.conversations]}
-            self.held_out_covariance = {name: self.covariances(seqs, {n for n, _ in self.base.named_modules()
-                                                                      if n.rsplit(".", 1)[-1] in PROJECTIONS})
-                                        for name, seqs in sets.items()}
+            # every projection, once for all variants (~1 GB a set in float64 on SmolLM2-135M)
+            every = {n for n, _ in self.base.named_modules() if n.rsplit(".", 1)[-1] in PROJECTIONS}
+            self.held_out_covariance = {name: self.covariances(seqs, every) for name, seqs in sets.items()}
         found, shares = {}, {}
         for name, (values, vectors) in self.teacher_covariance[key].items():
             count = max(1, round(share * len(values)))  # eigh: ascending eigenvalues, so the least energy first
