@@ -9,7 +9,7 @@ With `distill_opening_tokens` = k the same engine also answers each prompt greed
 short example per prompt, on how the base's greedy answer opens.
 
 The sampled answers are reproducible without per-request seeds (vLLM's CPU backend fails on those when it
-samples, see jobs/evaluate/runners.py): the teacher's engine runs in its own process
+samples, see jobs/evaluate/runners.py): the teacher's engine core runs inside the actor's process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so every prompt is queued before the first step and the batches, and with
 them the draws from the engine's seeded generator, are the same in every run. With a separate engine-core
 process the first steps raced the queueing, and the same recipe gave three different sets of answers
