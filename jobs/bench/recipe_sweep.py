@@ -159,11 +159,13 @@ class Sweep:
         return answer_kl(self.tok, base_logits, lambda ids: model(input_ids=ids).logits,
                          list(zip(self.general_qs, self.base_general)), self.device)
 
-    def covariances(self, sequences: list[list[int]], modules: set[str]) -> dict:
-        """Σ x xᵀ (float64) of each named module's input over every token of the sequences, under the base."""
+    def covariances(self, sequences: list[list[int]], kinds: list[str]) -> dict:
+        """Σ x xᵀ (float64) of the input of each projection of these kinds (e.g. "down_proj"), by module name,
+        over every token of the sequences, under the base."""
         import torch
 
         sums: dict = {}
+        modules = {n for n, _ in self.base.named_modules() if n.rsplit(".", 1)[-1] in kinds}
 
         def record(name):
             def hook(_module, inputs):
@@ -179,17 +181,16 @@ class Sweep:
             handle.remove()
         return sums
 
-    def projectors(self, seed: int, sampled: list[dict], targets: list[str], share: float) -> dict:
+    def projectors(self, teacher_key: tuple, sampled: list[dict], targets: list[str], share: float) -> dict:
         """Per adapted module, the projector onto the `share` of its input directions with the least energy on the
         distillation answers (the tokens the KL trains on). Prints how much energy each held-out set has there."""
         import torch
 
-        modules = {n for n, _ in self.base.named_modules() if n.rsplit(".", 1)[-1] in targets}
-        key = (seed, len(sampled), tuple(sorted(targets)))
+        key = (teacher_key, tuple(sorted(targets)))  # `sampled` is self.teacher[teacher_key]
         if key not in self.teacher_covariance:
             self.teacher_covariance[key] = {
                 n: torch.linalg.eigh(c) for n, c in
-                self.covariances([t["prompt_ids"] + t["answer_ids"] for t in sampled], modules).items()}
+                self.covariances([t["prompt_ids"] + t["answer_ids"] for t in sampled], targets).items()}
         if not self.held_out_covariance:
             def chat(messages: list[dict], generation: bool) -> list[int]:
                 text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -202,8 +203,7 @@ class Sweep:
                                                       for q in self.identity_qs],
                     "identity training": [chat(c, False) for c in self.conversations]}
             # every projection, once for all variants (~1 GB a set in float64 on SmolLM2-135M)
-            every = {n for n, _ in self.base.named_modules() if n.rsplit(".", 1)[-1] in PROJECTIONS}
-            self.held_out_covariance = {name: self.covariances(seqs, every) for name, seqs in sets.items()}
+            self.held_out_covariance = {name: self.covariances(seqs, PROJECTIONS) for name, seqs in sets.items()}
         found, shares = {}, {}
         for name, (values, vectors) in self.teacher_covariance[key].items():
             count = max(1, round(share * len(values)))  # eigh: ascending eigenvalues, so the least energy first
@@ -217,8 +217,12 @@ class Sweep:
             label: f"{sum(v) / len(v):.2e}" for label, v in shares.items()}}), flush=True)
         return found
 
+    @staticmethod
+    def teacher_key(seed: int, prompts: list[list[dict]], max_tokens: int, greedy: bool = False) -> tuple:
+        return seed, len(prompts), max_tokens, greedy
+
     def targets(self, seed: int, prompts: list[list[dict]], max_tokens: int, greedy: bool = False) -> list[dict]:
-        key = (seed, len(prompts), max_tokens, greedy)
+        key = self.teacher_key(seed, prompts, max_tokens, greedy)
         if key not in self.teacher:
             self.teacher[key] = self.generate(self.base, prompts, max_tokens, sample=not greedy, seed=1000 + seed,
                                               logprobs=True)
@@ -240,7 +244,8 @@ class Sweep:
         started = time.time()
         seed, weight = variant.get("seed", 0), variant.get("w", 20.0)
         prompts = self.prompts[:variant.get("prompts", len(self.prompts))]
-        sampled = self.targets(seed, prompts, 8 if self.smoke else variant.get("max_tokens", 128))
+        max_tokens = 8 if self.smoke else variant.get("max_tokens", 128)
+        sampled = self.targets(seed, prompts, max_tokens)
         examples = tokenize_conversations(self.tok, self.conversations[:variant.get("identity", len(self.conversations))],
                                           self.row_tokens).examples
         on_answers = not variant.get("margin_openings_only")  # the hinge's tokens, as loss.distill_margin_on
@@ -264,7 +269,7 @@ class Sweep:
         model = get_peft_model(model, LoraConfig(r=variant.get("r", 16), lora_alpha=variant.get("alpha", 32),
                                                  lora_dropout=0.05, target_modules=variant.get("targets", PROJECTIONS),
                                                  task_type="CAUSAL_LM"))
-        if variant.get("null"):  # lora_A reads x through P: W_A -> W_A P, so the adapter ignores the base's main directions
+        if variant.get("null"):  # lora_A reads x through P (W_A -> W_A P): the adapter ignores the base's main directions
             from torch.nn.utils import parametrize
 
             class Project(torch.nn.Module):
@@ -275,7 +280,8 @@ class Sweep:
                 def forward(self, weight):
                     return weight @ self.projector
 
-            projectors = self.projectors(seed, sampled, variant.get("targets", PROJECTIONS), variant["null"])
+            projectors = self.projectors(self.teacher_key(seed, prompts, max_tokens), sampled,
+                                         variant.get("targets", PROJECTIONS), variant["null"])
             for name, module in model.named_modules():
                 if name.endswith(".lora_A.default"):
                     base_name = name.removeprefix("base_model.model.").removesuffix(".lora_A.default")

@@ -86,9 +86,9 @@ def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool)
 
     from serve_app.engine import CPU_ENGINE_ENV
 
-    in_process = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # reproducible batches: see the module's docstring
-    options = {"num_gpus": 1, "num_cpus": 1, "runtime_env": {"env_vars": in_process}} if on_gpu else {
-        "num_cpus": 1, "runtime_env": {"env_vars": {**CPU_ENGINE_ENV, **in_process}}}
+    # the engine core in this actor's process: reproducible batches (see the module's docstring)
+    env = {**({} if on_gpu else CPU_ENGINE_ENV), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    options = {"num_cpus": 1, "num_gpus": 1 if on_gpu else 0, "runtime_env": {"env_vars": env}}
     started = time.perf_counter()
     engine = ray.remote(TeacherEngine).options(**options).remote(
         cfg.model.path, "bfloat16" if on_gpu else "float32", cfg.data.max_length, on_gpu)
