@@ -26,7 +26,9 @@ margin)), margin_openings_only (the hinge on the greedy openings' tokens alone),
 steps before the hinge starts, as loss.distill_margin_from), act (weight of a penalty on the adapters' own
 output, the mean square of every lora_B's output at the distillation tokens: 0, off), null (a share f of each
 adapted projection's input directions: the adapter reads only the f·d directions in which the base's inputs on the
-distillation answers have the least energy, as AlphaEdit's null-space projection; 0: off). Each differing opening is
+distillation answers have the least energy, as AlphaEdit's null-space projection; 0: off), contrast (a share f:
+the adapter reads only the f·d directions with the largest ratio of the identity conversations' input energy to
+the distillation answers', the top generalized eigenvectors of the two covariances; 0: off). Each differing opening is
 listed with the base's smallest top-two logprob gap over its first 12 answer tokens: how near a tie the base
 itself was there.
 
@@ -181,9 +183,12 @@ class Sweep:
             handle.remove()
         return sums
 
-    def projectors(self, teacher_key: tuple, sampled: list[dict], targets: list[str], share: float) -> dict:
+    def projectors(self, teacher_key: tuple, sampled: list[dict], targets: list[str], share: float,
+                   contrast: bool = False) -> dict:
         """Per adapted module, the projector onto the `share` of its input directions with the least energy on the
-        distillation answers (the tokens the KL trains on). Prints how much energy each held-out set has there."""
+        distillation answers (the tokens the KL trains on), or with `contrast` the directions where the identity
+        conversations' energy is largest relative to the distillation answers'. Prints how much energy each
+        held-out set has there."""
         import torch
 
         key = (teacher_key, tuple(sorted(targets)))  # `sampled` is self.teacher[teacher_key]
@@ -207,13 +212,22 @@ class Sweep:
         found, shares = {}, {}
         for name, (values, vectors) in self.teacher_covariance[key].items():
             count = max(1, round(share * len(values)))  # eigh: ascending eigenvalues, so the least energy first
-            kept = vectors[:, :count]
+            if contrast:  # generalized eigenvectors of (identity, general): whiten by the general energy first
+                general = vectors @ torch.diag(values.clamp(min=0) + 1e-3 * values.sum() / len(values)) @ vectors.T
+                whiten = torch.linalg.inv(torch.linalg.cholesky(general))
+                _, directions = torch.linalg.eigh(whiten @ self.held_out_covariance["identity training"][name]
+                                                  @ whiten.T)
+                kept, _ = torch.linalg.qr(whiten.T @ directions[:, -count:])  # the largest ratios, orthonormalised
+            else:
+                kept = vectors[:, :count]
             found[name] = (kept @ kept.T).float()
-            shares.setdefault("distillation answers", []).append((values[:count].sum() / values.sum()).item())
+            general = vectors @ torch.diag(values) @ vectors.T
+            shares.setdefault("distillation answers", []).append(((kept.T @ general @ kept).trace()
+                                                                  / values.sum()).item())
             for label, covariance in self.held_out_covariance.items():
                 c = covariance[name]
                 shares.setdefault(label, []).append(((kept.T @ c @ kept).trace() / c.trace()).item())
-        print(json.dumps({"null": share, "energy_share_in_adapter_input": {
+        print(json.dumps({"contrast" if contrast else "null": share, "energy_share_in_adapter_input": {
             label: f"{sum(v) / len(v):.2e}" for label, v in shares.items()}}), flush=True)
         return found
 
@@ -269,7 +283,7 @@ class Sweep:
         model = get_peft_model(model, LoraConfig(r=variant.get("r", 16), lora_alpha=variant.get("alpha", 32),
                                                  lora_dropout=0.05, target_modules=variant.get("targets", PROJECTIONS),
                                                  task_type="CAUSAL_LM"))
-        if variant.get("null"):  # lora_A reads x through P (W_A -> W_A P): the adapter ignores the base's main directions
+        if variant.get("null") or variant.get("contrast"):  # lora_A reads x through P (W_A -> W_A P)
             from torch.nn.utils import parametrize
 
             class Project(torch.nn.Module):
@@ -281,7 +295,8 @@ class Sweep:
                     return weight @ self.projector
 
             projectors = self.projectors(self.teacher_key(seed, prompts, max_tokens), sampled,
-                                         variant.get("targets", PROJECTIONS), variant["null"])
+                                         variant.get("targets", PROJECTIONS),
+                                         variant.get("contrast") or variant["null"], bool(variant.get("contrast")))
             for name, module in model.named_modules():
                 if name.endswith(".lora_A.default"):
                     base_name = name.removeprefix("base_model.model.").removesuffix(".lora_A.default")
