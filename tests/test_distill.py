@@ -410,3 +410,69 @@ def test_the_sampled_targets_are_the_same_in_every_run(ray_head, tmp_path, tiny_
     assert any(token != top[0] for t in first for token, top in zip(t["answer_ids"], t["top_ids"]))
     assert [t["answer_ids"] for t in first] == [t["answer_ids"] for t in second]
     assert [t["top_ids"] for t in first] == [t["top_ids"] for t in second]
+
+
+def test_input_share_errors_name_the_setting():
+    from jobs.finetune.config import ConfigError, check_supported, load_config
+
+    base = ["data.train=[x.jsonl]", "lora.input_share=0.05"]
+    distill = ["loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]"]
+    cases = {(): "lora.input_share needs loss.distill_prompts",
+             ("model.method=full",): "method full has no adapter",
+             ("strategy.name=fsdp2",): "strategy.name=ddp only, not fsdp2",
+             ("strategy.name=zero2",): "strategy.name=ddp only, not zero2"}
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            check_supported(load_config(None, base + (distill if overrides else []) + list(overrides)))
+    for bad in ("lora.input_share=-0.1", "lora.input_share=1.5"):
+        with pytest.raises(ConfigError, match="lora.input_share"):
+            load_config(None, ["data.train=[x.jsonl]", bad] + distill)
+    check_supported(load_config(None, base + distill))  # lora or qlora with ddp: fine
+
+
+@pytest.mark.finetune
+def test_the_adapter_reads_only_the_directions_its_data_uses_more_than_general_text(ray_head, tmp_path, tiny_llama,
+                                                                                   assistant_data):
+    """`lora.input_share`: the run stores one basis per adapted projection, the exported adapter's lora_A rows
+    lie in it (so the merged and served model sees only that part of each input), and the basis holds more of
+    the identity data's input energy, relative to the base's general answers, than the whole space does."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.data.records import read_conversations
+    from jobs.data.tokenize import tokenize_conversations
+    from jobs.finetune.subspace import BASES_FILE, input_covariances
+    from tests.test_finetune import finetune, metrics, recipe
+
+    data, prompts = assistant_data
+    loss = {"distill_weight": 1.0, "distill_prompts": [str(prompts)], "distill_max_tokens": 16,
+            "distill_temperature": 0}
+    config = recipe(tmp_path, tiny_llama, data, lora={"r": 4, "alpha": 8, "dropout": 0.0, "input_share": 0.1},
+                    train={"max_steps": 4}, monitor={"eval_every": None}, optim={"lr": 1e-2}, loss=loss)
+    result = finetune(config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "run"
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
+    bases = torch.load(run_dir / BASES_FILE, weights_only=True)["bases"]
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    lora_a = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): v
+              for k, v in adapter.items() if k.endswith(".lora_A.weight")}
+    assert set(lora_a) == set(bases) and len(bases) == 2 * 7  # 2 layers x 7 projections
+    for name, basis in bases.items():
+        d, k = basis.shape
+        assert k == round(0.1 * d) and torch.allclose(basis.T @ basis, torch.eye(k), atol=1e-4)
+        a = lora_a[name]  # r x d, as exported: every row inside span(basis), and not zero
+        assert a.norm() > 0.1 and (a - a @ basis @ basis.T).norm() < 1e-4 * a.norm(), name
+    assert any(v.norm() > 0 for k, v in adapter.items() if k.endswith(".lora_B.weight"))  # it trained
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    own = [e.input_ids for e in tokenize_conversations(tok, read_conversations(str(data)), 128).examples]
+    stored = json.loads(gzip.decompress((run_dir / "distill_targets.json.gz").read_bytes()))
+    general = [(t["prompt_ids"] + t["answer_ids"])[:128] for t in stored["targets"]]
+    own_c, general_c = (input_covariances(model, seqs, set(bases), "cpu") for seqs in (own, general))
+    for name, q in bases.items():
+        q = q.double()
+        own_share = (q.T @ own_c[name] @ q).trace() / own_c[name].trace()
+        general_share = (q.T @ general_c[name] @ q).trace() / general_c[name].trace()
+        assert own_share > 1.5 * general_share, (name, own_share.item(), general_share.item())

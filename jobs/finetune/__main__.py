@@ -149,6 +149,12 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     # Workers get the model's reference, not the driver's folder: each node resolves it into its own cache.
     plan = {"model": cfg.model.path, "dtype": dtype, "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch, "run_uri": run.uri}
+    if cfg.lora.input_share:  # the directions each lora_A reads, from the data and the base's answers
+        from jobs.finetune.distill import answer_sequences
+        from jobs.finetune.subspace import input_bases
+
+        plan["input_bases"] = input_bases(cfg, run, [e.input_ids for e in examples],
+                                          answer_sequences(cfg, run), use_gpu)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     parent = run.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(

@@ -41,6 +41,10 @@ class LoraSection(Strict):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear", "auto"] = "auto"
+    # > 0: each lora_A reads only this share of its projection's input directions, those where the training
+    # data's inputs have the most energy relative to the distillation answers' (jobs/finetune/subspace.py).
+    # Needs loss.distill_prompts, whose answers are the general text. 0: every direction (plain LoRA).
+    input_share: float = Field(0.0, ge=0, le=1)
 
 
 class QuantSection(Strict):
@@ -249,6 +253,16 @@ def check_supported(cfg: FinetuneConfig) -> None:
         raise ConfigError("strategy.offload does not apply to QLoRA's 4-bit weights; turn it off")
     if cfg.strategy.offload and cfg.strategy.name not in ("zero2", "zero3"):
         raise ConfigError("strategy.offload is a DeepSpeed ZeRO option; use strategy.name=zero2 or zero3")
+    if cfg.lora.input_share:
+        if cfg.model.method == "full":
+            raise ConfigError("lora.input_share restricts a LoRA adapter's inputs; method full has no adapter")
+        if cfg.strategy.name != "ddp":
+            raise ConfigError(f"lora.input_share is supported with strategy.name=ddp only, not "
+                              f"{cfg.strategy.name}: its parametrised lora_A weights are not gathered by sharded "
+                              "strategies")
+        if not cfg.loss.distill_prompts:
+            raise ConfigError("lora.input_share needs loss.distill_prompts: the base's answers to them are the "
+                              "general text whose input directions the adapter avoids")
     if cfg.model.method == "full" and cfg.output.merge_dtype:
         raise ConfigError("output.merge_dtype applies to adapter methods (lora, qlora) only")
 

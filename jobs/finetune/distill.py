@@ -125,6 +125,12 @@ def distill_examples(cfg: FinetuneConfig, run: Location, on_gpu: bool) -> list[E
     return stored_examples(cfg, targets, openings)
 
 
+def answer_sequences(cfg: FinetuneConfig, run: Location) -> list[list[int]]:
+    """The stored targets' prompts with the base's sampled answers, as token ids cut to max_length."""
+    saved = json.loads(gzip.decompress(run.join(TARGETS_FILE).read_bytes()))
+    return [(t["prompt_ids"] + t["answer_ids"])[:cfg.data.max_length] for t in saved["targets"]]
+
+
 def stored_examples(cfg: FinetuneConfig, targets: list[dict], openings: list[dict]) -> list[Example]:
     """The training examples of stored targets: each answer (its sampled tokens as labels with
     `distill_sample_ce`), then each greedy opening (KL only)."""

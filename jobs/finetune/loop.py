@@ -165,6 +165,11 @@ def train_loop(loop_config: dict) -> None:
     model_path = resolve_model_path(plan["model"])  # this node's copy: nodes share no disk
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = build_model(cfg, model_path, plan["dtype"], device)
+    if plan.get("input_bases"):  # lora.input_share: each lora_A reads its input through the run's bases
+        from jobs.finetune.subspace import read_bases, restrict
+
+        restricted = restrict(model, read_bases(plan["input_bases"]))
+        log.info("lora_A of %d modules restricted to the run's input bases", restricted)
     model.train()
     total_steps, steps_per_epoch = plan["total_steps"], plan["steps_per_epoch"]
     strategy = build_strategy(cfg, model, device, total_steps)

@@ -141,7 +141,9 @@ class Strategy:
             return None
         if self.cfg.model.method == "full":
             return {k: v.detach().cpu() for k, v in self.base.state_dict().items()}
-        return self.trainable_state()
+        from jobs.finetune.subspace import effective_state
+
+        return effective_state(self.base, self.trainable_state())  # lora.input_share: lora_A as it acts
 
 
 class DeepSpeedStrategy(Strategy):
