@@ -185,6 +185,7 @@ def assistant_weights(ray_head, tmp_path_factory) -> dict:
          "optim.lr=1e-3", "checkpoint.every_steps=24", "monitor.eval_every=null", "scaling.cpus_per_worker=2",
          # identity only, on every projection (fast to learn): the serving tests need no more
          "loss.distill_weight=0", "loss.distill_prompts=[]", "loss.distill_opening_tokens=0", "lora.target_modules=auto",
+         "lora.input_share=0",
          f"output.dir={folder}", "output.name=assistant"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

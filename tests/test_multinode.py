@@ -181,7 +181,7 @@ JOB = ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs
 # the first-against-last loss check below would depend on which rows the two steps drew (it failed so).
 FAST = ["train.grad_accum=1", "data.max_length=256", "monitor.eval_every=null", "checkpoint.every_steps=2",
         "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn", "loss.distill_weight=0",
-        "loss.distill_prompts=[]", "loss.distill_opening_tokens=0", "lora.target_modules=auto"]
+        "loss.distill_prompts=[]", "loss.distill_opening_tokens=0", "lora.target_modules=auto", "lora.input_share=0"]
 
 
 def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster, tmp_path):
@@ -255,14 +255,19 @@ def test_distillation_job_trains_on_two_nodes_from_targets_in_storage(cluster):
     cluster.run(PYTHON, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", "data/mnd.jsonl",
                 "--count", "12", "--distill", "8")  # identity alone must fill a step's 2 rows
     assert cluster.storage_text("data/mnd.distill.jsonl").count("\n") == 8
-    distill = [override for override in FAST if not override.startswith(("loss.", "output."))] + [
-        "output.name=mnd", "data.train=[data/mnd.jsonl]", "loss.distill_weight=2",
+    # with lora.input_share: the adapter's input bases, made from the same targets, go through storage too
+    distill = [override for override in FAST if not override.startswith(("loss.", "output.", "lora.input_share"))] + [
+        "output.name=mnd", "data.train=[data/mnd.jsonl]", "loss.distill_weight=2", "lora.input_share=0.01",
         "loss.distill_prompts=[data/mnd.distill.jsonl]", "loss.distill_max_tokens=16", "train.max_steps=2"]
     result = cluster.run(str(BIN / JOB[0]), *JOB[1:], *distill, env={"PATH": f"{BIN}:{os.environ['PATH']}"})
     assert "distillation targets: 8 base answers" in result.stdout, result.stdout[-3000:]
     count = ("import gzip, json, sys; from cluster.storage import locate; "
              "print(len(json.loads(gzip.decompress(locate(sys.argv[1]).read_bytes()))['targets']))")
     assert cluster.run(PYTHON, "-c", count, "runs/finetune/mnd/distill_targets.json.gz").stdout.strip() == "8"
+    bases = ("import io, sys, torch; from cluster.storage import locate; "
+             "print(len(torch.load(io.BytesIO(locate(sys.argv[1]).read_bytes()), weights_only=True)['bases']))")
+    # every adapted projection of SmolLM2's 30 layers (the test's lora.target_modules=auto: all seven)
+    assert cluster.run(PYTHON, "-c", bases, "runs/finetune/mnd/input_bases.pt").stdout.strip() == str(30 * 7)
     attempt = _attempts(cluster, "mnd")[0]
     assert set(attempt["node_ips"]) == {cluster.node_ip(1), cluster.node_ip(2)}, attempt
     metrics = _metrics(cluster, "mnd")
