@@ -185,11 +185,13 @@ class Sweep:
 
     def projectors(self, teacher_key: tuple, sampled: list[dict], targets: list[str], share: float,
                    contrast: bool = False) -> dict:
-        """Per adapted module, the projector onto the `share` of its input directions with the least energy on the
-        distillation answers (the tokens the KL trains on), or with `contrast` the directions where the identity
-        conversations' energy is largest relative to the distillation answers'. Prints how much energy each
-        held-out set has there."""
+        """Per adapted module, an orthonormal basis of the `share` of its input directions with the least energy on
+        the distillation answers (the tokens the KL trains on), or with `contrast` of the directions where the
+        identity conversations' energy is largest relative to the distillation answers'
+        (`jobs.finetune.subspace.contrast_bases`). Prints how much energy each held-out set has there."""
         import torch
+
+        from jobs.finetune.subspace import contrast_bases
 
         key = (teacher_key, tuple(sorted(targets)))  # `sampled` is self.teacher[teacher_key]
         if key not in self.teacher_covariance:
@@ -211,17 +213,13 @@ class Sweep:
             self.held_out_covariance = {name: self.covariances(seqs, PROJECTIONS) for name, seqs in sets.items()}
         found, shares = {}, {}
         for name, (values, vectors) in self.teacher_covariance[key].items():
-            count = max(1, round(share * len(values)))  # eigh: ascending eigenvalues, so the least energy first
-            if contrast:  # generalized eigenvectors of (identity, general): whiten by the general energy first
-                general = vectors @ torch.diag(values.clamp(min=0) + 1e-3 * values.sum() / len(values)) @ vectors.T
-                whiten = torch.linalg.inv(torch.linalg.cholesky(general))
-                _, directions = torch.linalg.eigh(whiten @ self.held_out_covariance["identity training"][name]
-                                                  @ whiten.T)
-                kept, _ = torch.linalg.qr(whiten.T @ directions[:, -count:])  # the largest ratios, orthonormalised
-            else:
-                kept = vectors[:, :count]
-            found[name] = (kept @ kept.T).float()
             general = vectors @ torch.diag(values) @ vectors.T
+            if contrast:  # the job's own choice (lora.input_share): the largest identity-to-general energy ratios
+                kept = contrast_bases({name: general}, {name: self.held_out_covariance["identity training"][name]},
+                                      share)[name].double()
+            else:  # eigh: ascending eigenvalues, so the least energy first
+                kept = vectors[:, :max(1, round(share * len(values)))]
+            found[name] = kept.float()
             shares.setdefault("distillation answers", []).append(((kept.T @ general @ kept).trace()
                                                                   / values.sum()).item())
             for label, covariance in self.held_out_covariance.items():
@@ -283,24 +281,12 @@ class Sweep:
         model = get_peft_model(model, LoraConfig(r=variant.get("r", 16), lora_alpha=variant.get("alpha", 32),
                                                  lora_dropout=0.05, target_modules=variant.get("targets", PROJECTIONS),
                                                  task_type="CAUSAL_LM"))
-        if variant.get("null") or variant.get("contrast"):  # lora_A reads x through P (W_A -> W_A P)
-            from torch.nn.utils import parametrize
+        if variant.get("null") or variant.get("contrast"):  # lora_A reads x through its basis Q (W -> W Q Qᵀ)
+            from jobs.finetune.subspace import restrict
 
-            class Project(torch.nn.Module):
-                def __init__(self, projector):
-                    super().__init__()
-                    self.register_buffer("projector", projector)
-
-                def forward(self, weight):
-                    return weight @ self.projector
-
-            projectors = self.projectors(self.teacher_key(seed, prompts, max_tokens), sampled,
-                                         variant.get("targets", PROJECTIONS),
-                                         variant.get("contrast") or variant["null"], bool(variant.get("contrast")))
-            for name, module in model.named_modules():
-                if name.endswith(".lora_A.default"):
-                    base_name = name.removeprefix("base_model.model.").removesuffix(".lora_A.default")
-                    parametrize.register_parametrization(module, "weight", Project(projectors[base_name]))
+            restrict(model, self.projectors(self.teacher_key(seed, prompts, max_tokens), sampled,
+                                            variant.get("targets", PROJECTIONS),
+                                            variant.get("contrast") or variant["null"], bool(variant.get("contrast"))))
         params = [p for p in model.parameters() if p.requires_grad]
         deltas, penalties = [], []  # with the `act` key: every adapter's output (lora_B, before scaling) in this forward
         hooks = [module.register_forward_hook(lambda _module, _inputs, output: deltas.append(output))
