@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -139,6 +140,18 @@ def token_path() -> Path:
     return ray_dir() / "auth_token"
 
 
+def admin_key_path() -> Path:
+    """The cluster's admin API key: made by `up` (or taken from TUNESERVE_ADMIN_KEY), given to every node, so
+    that app configs naming `env: TUNESERVE_ADMIN_KEY` (serve_app/configs/cluster.yaml) can use it."""
+    return ray_dir() / "admin_key"
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(value)
+
+
 def storage_env(state: ClusterState | None) -> dict[str, str]:
     """The storage setting every node, job and client of this cluster shares."""
     if state is None:  # one machine: the project folder itself (see cluster/storage.py)
@@ -160,6 +173,8 @@ def client_env() -> dict[str, str]:
         "TUNESERVE_HTTP_INGRESS": http_ingress_mode(),  # an app built by this client must match the cluster
         **storage_env(state),
     }
+    if admin_key_path().exists():
+        env["TUNESERVE_ADMIN_KEY"] = admin_key_path().read_text().strip()
     if state is None:
         # Keep "127.0.0.1" as it is: otherwise Ray swaps it for the host's address, where the head is not.
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -275,8 +290,9 @@ def up(num_cpus: int | None = None, nodes: int = 1, node_cpus: int = 2) -> None:
     root = ray_dir()
     root.mkdir(parents=True, exist_ok=True)
     if not token_path().exists():
-        token_path().write_text(uuid.uuid4().hex)
-        token_path().chmod(0o600)
+        _write_secret(token_path(), uuid.uuid4().hex)
+    if not admin_key_path().exists():
+        _write_secret(admin_key_path(), os.environ.get("TUNESERVE_ADMIN_KEY") or f"sk-admin-{secrets.token_hex(24)}")
     state = None
     if nodes > 1:
         problem = netns.can_create_namespaces()

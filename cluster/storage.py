@@ -243,6 +243,59 @@ def locate(path_or_uri: str | Path) -> Location:
     return Location(fs, path, f"{scheme}://{path}")
 
 
+class NotAllowed(StorageError):
+    """A path given by a caller is missing, or lies outside the roots it may name. One error for both, so that
+    the answer tells nothing about what exists elsewhere."""
+
+
+def confined(path_or_uri: str, roots: list[str] | None = None) -> Location:
+    """Where a caller-given path lives, only if it exists under one of `roots` (default: the storage root).
+
+    A relative path is taken under the storage root. `..` is refused in any path. A local path is compared
+    after its symlinks are resolved, and so is every file under it (a link inside the root that leads out is
+    refused too); an object store must be the root's own store, under the root's prefix."""
+    text = str(path_or_uri)
+    refused = NotAllowed(f"{text[:300]}: not found, or outside the storage this service may read")
+    raw_path = urlparse(text).path if is_uri(text) else text
+    if ".." in raw_path.replace("\\", "/").split("/"):
+        raise refused
+    try:
+        location = locate(text)
+        allowed = [locate(root) for root in (roots or [storage_root()])]
+    except StorageError:
+        raise refused from None
+    for root in allowed:
+        if location.is_local != root.is_local:
+            continue
+        if location.is_local:
+            resolved = _resolved_local_under(location.path, root.path)
+            if resolved is not None:
+                return Location(location.fs, resolved, f"file://{resolved}")
+        elif location.uri.split("://")[0] == root.uri.split("://")[0] and _under(location.path, root.path):
+            if location.exists():
+                return location
+    raise refused
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return path == root or path.startswith(root + "/")
+
+
+def _resolved_local_under(path: str, root: str) -> str | None:
+    """`path` with its links resolved, if it exists and it and everything under it stays under `root`."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if not os.path.exists(real) or not _under(real, real_root):
+        return None
+    if os.path.isdir(real):
+        for folder, dirs, files in os.walk(real, followlinks=False):
+            for name in dirs + files:
+                if not _under(os.path.realpath(os.path.join(folder, name)), real_root):
+                    return None
+    return real
+
+
 def check(path_or_uri: str | Path, must_exist: bool = False) -> Location:
     """Resolve and reach a location now, so that a job or a deploy fails at once with the URI and the
     problem, before any worker or replica starts."""

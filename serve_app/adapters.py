@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 
@@ -215,25 +215,44 @@ class AdapterRequest:
         return cls(values[0], values[1], values[2])
 
 
-def read_adapter_config(uri: str) -> dict:
-    """The adapter's adapter_config.json, from storage; a 400 that names the URI when it is not there or not
-    a PEFT LoRA adapter."""
+def adapter_not_found(given: str) -> APIError:
+    """The one answer for a path that is missing, is no adapter, or lies outside the allowed storage: a caller
+    learns nothing about which paths exist."""
+    return APIError(400, f"No adapter at '{given[:300]}': not found, or outside the storage this service reads "
+                    "adapters from (storage.allowed_roots).", param="uri", code="adapter_not_found")
+
+
+def adapter_rank(config: Any, where: str) -> int:
+    """The LoRA rank `r` of an adapter_config.json; ValueError naming `where` unless it is a positive integer."""
+    rank = config.get("r") if isinstance(config, dict) else None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{where}: adapter_config.json needs 'r', the LoRA rank, as a positive integer (it has "
+                         f"{rank!r})")
+    return rank
+
+
+def read_adapter_config(uri: str, given: str | None = None) -> dict:
+    """The adapter's adapter_config.json, from storage, with `r` checked; a 400 when it is not there (the same
+    answer as a path outside the allowed storage) or not a PEFT LoRA adapter."""
     from cluster.storage import StorageError, check
 
     try:
         location = check(uri, must_exist=True)
         config_file = location.join("adapter_config.json")
         if not config_file.is_file():
-            raise APIError(400, f"{location.uri} is not a PEFT adapter: it has no adapter_config.json.",
-                           param="uri", code="invalid_adapter")
+            raise adapter_not_found(given or uri)
         config = json.loads(config_file.read_text())
-    except StorageError as exc:
-        raise APIError(400, f"Adapter not found: {exc}", param="uri", code="adapter_not_found") from None
+    except StorageError:
+        raise adapter_not_found(given or uri) from None
     except ValueError as exc:
         raise APIError(400, f"{uri}: adapter_config.json is not valid JSON ({exc}).", param="uri",
                        code="invalid_adapter") from None
-    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA" or "r" not in config:
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
         raise APIError(400, f"{uri} is not a LoRA adapter (adapter_config.json has peft_type "
                        f"{config.get('peft_type') if isinstance(config, dict) else None!r}).", param="uri",
                        code="invalid_adapter")
+    try:
+        config["r"] = adapter_rank(config, uri)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="uri", code="invalid_adapter") from None
     return config

@@ -64,8 +64,8 @@ def check_quantization(model: ModelConfig, on_gpu: bool) -> None:
 
 
 def check_storage_paths(config: AppConfig) -> None:
-    """Every model and adapter named by storage URI must be reachable now: a wrong URI fails the deploy
-    at once with the URI and the reason, instead of replicas failing one by one on their nodes."""
+    """Every model and adapter must be there now: a wrong URI or a local folder that does not exist fails the
+    deploy at once, with the path and the reason, instead of replicas failing one by one on their nodes."""
     from cluster.storage import StorageError, check, is_uri
 
     for model in config.models:
@@ -75,10 +75,80 @@ def check_storage_paths(config: AppConfig) -> None:
                     check(path, must_exist=True)
                 except StorageError as exc:
                     raise ValueError(f"{what}: {exc}") from exc
+            elif _names_a_local_folder(path) and not Path(path).expanduser().exists():
+                raise ValueError(f"{what}: the local folder {path} does not exist on this node. On a cluster, "
+                                 "name it by storage URI (s3://, gs://, file://) so that every node can fetch it.")
+        for adapter in model.adapters:
+            _check_adapter_config(adapter.id, adapter.path)
+
+
+def _names_a_local_folder(path: str) -> bool:
+    """A path, not `default` or a hub id (`org/name`): absolute, from home, explicitly relative, or deeper."""
+    if path == "default":
+        return False
+    return path.startswith(("/", "~", "./", "../")) or path.count("/") > 1
+
+
+def _check_adapter_config(adapter_id: str, path: str) -> None:
+    import json
+
+    from cluster.storage import StorageError, is_uri, locate
+    from serve_app.adapters import adapter_rank
+
+    try:
+        text = (locate(path).join("adapter_config.json").read_text() if is_uri(path)
+                else (Path(path).expanduser() / "adapter_config.json").read_text())
+        adapter_rank(json.loads(text), f"adapter {adapter_id} ({path})")
+    except (OSError, StorageError) as exc:
+        raise ValueError(f"adapter {adapter_id}: {path} is not a PEFT adapter folder: no readable "
+                         f"adapter_config.json ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"adapter {adapter_id}: {path}/adapter_config.json is not valid JSON ({exc})") from None
+
+
+def check_engine_settings(config: AppConfig) -> None:
+    """What vLLM would refuse only as each replica starts, refused now: unknown engine arguments (with the
+    nearest valid name) and tool or reasoning parsers this vLLM does not have."""
+    import difflib
+
+    from serve_app import vllm_adapter
+
+    arguments = vllm_adapter.engine_argument_names()
+    parsers = {"tool_parser": vllm_adapter.tool_parser_names(),
+               "reasoning_parser": vllm_adapter.reasoning_parser_names()}
+    for model in config.models:
+        for key in model.engine_kwargs:
+            if key not in arguments:
+                nearest = difflib.get_close_matches(key, arguments, n=1)
+                hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
+                raise ValueError(f"model {model.id}: engine_kwargs.{key} is not an engine argument of vLLM "
+                                 f"{vllm_adapter.VERSION}{hint}")
+        for setting, known in parsers.items():
+            name = getattr(model, setting)
+            if name is not None and known is not None and name not in known:
+                nearest = difflib.get_close_matches(name, known, n=3)
+                raise ValueError(f"model {model.id}: {setting} '{name}' is not one of vLLM {vllm_adapter.VERSION}'s"
+                                 f" parsers{' (nearest: ' + ', '.join(nearest) + ')' if nearest else ''}")
+
+
+def check_access(config: AppConfig) -> AppConfig:
+    """Keys read where the app is built (a key named by an unset variable fails the build), and the app
+    refused if Serve listens beyond loopback with none. The replicas check the exposure again, for apps
+    built before Serve started."""
+    from serve_app.auth import check_exposure, serve_listen_host
+
+    ingress = config.ingress
+    keys = [key.resolved() for key in ingress.api_keys]
+    listen_host = serve_listen_host()
+    if listen_host is not None:
+        check_exposure(keys, listen_host, ingress.allow_unauthenticated)
+    return config.model_copy(update={"ingress": ingress.model_copy(update={"api_keys": keys})})
 
 
 def build_from_config(config: AppConfig) -> Application:
+    config = check_access(config)
     check_storage_paths(config)
+    check_engine_settings(config)
     gpus_present = cluster_has_gpus()
     engines = {model.id: _engine_app(model, gpus_present, config) for model in config.models}
     actor_options = {"num_cpus": 0, "runtime_env": {"env_vars": serve_env()}}

@@ -1,6 +1,9 @@
 """API keys (compared by SHA-256 digest only), and the ledger of per-key limits and usage.
 
-Auth is on when any key is configured. The ledger is kept where every ingress replica reaches it: in the
+Auth is on when any key is configured. The admin routes (adapters, /admin/*, /metrics) always need an admin
+key, except for a client on loopback while Serve itself listens on loopback alone: a laptop. An app that
+listens beyond loopback without keys is refused when it starts, unless the operator opts out
+(`ingress.allow_unauthenticated`), and even then its admin routes stay shut. The ledger is kept where every ingress replica reaches it: in the
 app's usage store (serve_app/usage_store.py), so that a key's limit holds across replicas. A replica keeps
 a ledger of its own only while the store cannot be reached.
 
@@ -12,6 +15,8 @@ bursts, and requests without max_tokens, therefore cannot go past the limit.
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 import math
 import time
 from collections import deque
@@ -20,17 +25,89 @@ from dataclasses import dataclass, field
 from serve_app.config import ApiKey, hash_key
 from serve_app.protocol import APIError
 
+log = logging.getLogger("tuneserve.auth")
+
 WINDOW_S = 60.0
 ANONYMOUS = "anonymous"
 
 
+def is_loopback(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost. Anything else, an unknown host included, is not."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class UnsafeDeployment(ValueError):
+    """The app would serve beyond loopback with no API key."""
+
+
+def check_exposure(keys: list[ApiKey], listen_host: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse an app that listens beyond loopback without keys (an unknown host counts as beyond), unless the
+    operator opted out; the opt-out is logged at every start."""
+    if keys or is_loopback(listen_host):
+        return
+    if allow_unauthenticated:
+        log.warning("ingress.allow_unauthenticated: serving without API keys on %s; anyone who reaches the "
+                    "port may use every model. The admin routes are shut without an admin key.", listen_host)
+        return
+    raise UnsafeDeployment(
+        f"Serve listens on {listen_host or 'an unknown host'}, beyond loopback, and the app has no API keys: "
+        "anyone who reaches the port could use it. Add a key under ingress.api_keys, e.g. "
+        "{name: admin, env: TUNESERVE_ADMIN_KEY, admin: true} with TUNESERVE_ADMIN_KEY set where the app is "
+        "built; or listen on 127.0.0.1; or set ingress.allow_unauthenticated: true to serve without keys.")
+
+
+def serve_listen_host() -> str | None:
+    """The host Serve's HTTP proxies (and, with direct ingress, the ingress replicas) listen on, as the running
+    Serve controller holds it; None when no controller can be asked (then callers assume beyond loopback).
+    Serve has no public call for this: the controller's own `get_http_config` is the one its replicas use."""
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        if not ray.is_initialized():
+            return None
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=30).host
+    except Exception as exc:  # no controller yet, or the call moved in another Ray release
+        log.info("cannot read Serve's HTTP host (%s: %s): taken as beyond loopback", type(exc).__name__, exc)
+        return None
+
+
+def metrics_id(key: ApiKey | None) -> str:
+    """The key's label in metrics: its configured alias or a short digest, never its name."""
+    if key is None:
+        return ANONYMOUS
+    return key.metrics_id or f"key-{key.digest()[:8]}"
+
+
 class KeyStore:
-    def __init__(self, keys: list[ApiKey]):
+    def __init__(self, keys: list[ApiKey], loopback_only: bool = False):
         self._keys_by_digest = {key.digest(): key for key in keys}
+        self.loopback_only = loopback_only  # Serve listens on loopback alone
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys_by_digest)
+
+    def require_admin(self, key: ApiKey | None, client_host: str | None, what: str) -> None:
+        """403 unless the caller holds an admin key, or auth is off and caller and listener are both on
+        loopback."""
+        if key is not None:
+            if not key.admin:
+                raise APIError(403, f"This API key may not {what}: it needs admin: true.", code="not_admin")
+            return
+        if self.enabled or not (self.loopback_only and is_loopback(client_host)):
+            raise APIError(403, f"Only an admin API key may {what}: configure ingress.api_keys with an admin key "
+                           "(admin: true) and send it as 'Authorization: Bearer <key>'. Without keys, only "
+                           "clients on loopback may, and only while Serve listens on loopback alone.",
+                           code="admin_key_required")
 
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The key's policy; None when auth is off. Raises a 401 APIError otherwise."""

@@ -177,7 +177,10 @@ class ApiKey(_Strict):
     rpm: int | None = Field(None, ge=1, description="requests per minute")
     tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute")
     models: list[str] | None = None  # allowed model ids or aliases; None: all
-    admin: bool = False  # may read /admin/usage
+    admin: bool = False  # may manage adapters and read /admin/usage and /metrics
+    # How the key shows in metric labels (Ray's metrics export, /metrics): the operator's choice of alias.
+    # Default: "key-" and the first 8 hex digits of the key's digest, which name no one.
+    metrics_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ApiKey":
@@ -192,6 +195,13 @@ class ApiKey(_Strict):
         if not value:
             raise ValueError(f"api key {self.name}: environment variable {self.env} is not set")
         return hash_key(value)
+
+    def resolved(self) -> "ApiKey":
+        """The same key with its digest and metrics id filled in: what the ingress replicas receive, so that
+        a key read from the environment is read where the app is built, and a missing one fails the build."""
+        digest = self.digest()
+        return self.model_copy(update={"sha256": digest, "env": None,
+                                       "metrics_id": self.metrics_id or f"key-{digest[:8]}"})
 
 
 class ProviderModel(_Strict):
@@ -301,6 +311,10 @@ class IngressConfig(_Strict):
     # Requests one ingress replica serves at once; past it a request gets a 503 with Retry-After at once.
     max_ongoing_requests: int = Field(1000, ge=1)
     usage_store: UsageStoreConfig = Field(default_factory=UsageStoreConfig)
+    # Without API keys the app deploys only where Serve listens on loopback alone (a laptop). true lets it
+    # serve inference to anyone who reaches the port; the admin routes still refuse every caller, since
+    # there is no admin key. A warning is logged at every start.
+    allow_unauthenticated: bool = False
 
     @model_validator(mode="after")
     def _timeouts_ordered(self) -> "IngressConfig":
@@ -317,12 +331,21 @@ class AdapterRegistryConfig(_Strict):
     path: str | None = "runs/adapters"
 
 
+class StorageAccess(_Strict):
+    """What adapters registered at runtime (`POST /v1/adapters`) may be read from. Paths written in this file
+    are the operator's own choice and are not confined."""
+
+    # Storage URIs or paths (relative ones under TUNESERVE_STORAGE). None: the storage root alone.
+    allowed_roots: list[str] | None = None
+
+
 class AppConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)  # local engines
     providers: list[ProviderConfig] = Field(default_factory=list)  # remote upstreams
     aliases: dict[str, list[str]] = Field(default_factory=dict)  # short name -> candidate model ids, in order
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     adapter_registry: AdapterRegistryConfig = Field(default_factory=AdapterRegistryConfig)
+    storage: StorageAccess = Field(default_factory=StorageAccess)
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":
@@ -389,9 +412,23 @@ def _expand_env(text: str) -> str:
     return _ENV_PATTERN.sub(substitute, text)
 
 
+class ConfigFileError(ValueError):
+    """The config file cannot be read as YAML: the message names the file, line and column."""
+
+
 def load_config(path: str | Path) -> AppConfig:
     text = _expand_env(Path(path).read_text())
-    return AppConfig.model_validate(yaml.safe_load(text) or {})
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ConfigFileError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: the config must be a YAML mapping (models:, providers:, ingress:, ...)")
+    return AppConfig.model_validate(data or {})
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.adapters import AdapterRequest, RegistryView, mux_id, read_adapter_config
-from serve_app.auth import KeyStore
+from serve_app.adapters import AdapterRequest, RegistryView, adapter_not_found, mux_id, read_adapter_config
+from serve_app.auth import KeyStore, check_exposure, is_loopback, serve_listen_host
 from serve_app.config import LOCAL_PROVIDER, NAME_PATTERN, AppConfig, engine_deployment_name
 from serve_app.metrics import ServingMetrics, cluster_exposition
 from serve_app.protocol import REQUEST_MODELS, APIError, format_validation_error
@@ -145,12 +145,6 @@ def _adapter_object(entry: dict) -> dict:
             "created": entry["created"]}
 
 
-def _require_admin(request: Request, what: str) -> None:
-    key = request.state.api_key  # None when auth is off
-    if key is not None and not key.admin:
-        raise APIError(403, f"This API key may not {what}: it needs admin: true.", code="not_admin")
-
-
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(api)
 class Ingress:
@@ -184,10 +178,19 @@ class Ingress:
         if self.live_bases:
             self.registry = RegistryView(self.replica.app_name, config.adapter_registry.path,
                                          config.ingress.placement == "head", on_change=self._adapters_changed)
+        # Checked here too, not only when the app is built: `serve run module:app` builds it before Serve
+        # starts, when the host it will listen on is not known yet.
+        listen_host = serve_listen_host()
+        check_exposure(ingress.api_keys, listen_host, ingress.allow_unauthenticated)
+        self.keys = KeyStore(ingress.api_keys, loopback_only=is_loopback(listen_host))
         # Added per replica: the guard's limits and keys come from this app's config.
         api.user_middleware.clear()
-        api.add_middleware(RequestGuard, max_body_bytes=ingress.max_body_bytes, keys=KeyStore(ingress.api_keys),
+        api.add_middleware(RequestGuard, max_body_bytes=ingress.max_body_bytes, keys=self.keys,
                            max_ongoing_requests=ingress.max_ongoing_requests)
+
+    def _require_admin(self, request: Request, what: str) -> None:
+        client = request.client.host if request.client else None
+        self.keys.require_admin(request.state.api_key, client, what)
 
     @api.get("/", include_in_schema=False)
     async def chat_page(self) -> FileResponse:
@@ -216,9 +219,10 @@ class Ingress:
             models.append(entry)
         for entry in self.live.values():
             base = self.live_bases[entry["base"]]
+            # No storage URI here: that is for admin keys, through /v1/adapters.
             models.append({"id": entry["id"], "object": "model", "created": entry["created"],
                            "owned_by": base.owned_by, "providers": [LOCAL_PROVIDER], "parent": base.id,
-                           "root": entry["uri"], "max_model_len": base.max_model_len})
+                           "max_model_len": base.max_model_len})
         models += [{"id": alias, "object": "model", "created": 0, "owned_by": "alias", "alias_of": targets}
                    for alias, targets in self.config.aliases.items()]
         return {"object": "list", "data": models}
@@ -323,7 +327,7 @@ class Ingress:
 
     async def _register(self, wanted: AdapterRequest) -> dict:
         """Check everything, then store: a refused adapter leaves nothing behind."""
-        from cluster.storage import StorageError, locate
+        from cluster.storage import StorageError, confined
 
         await self._live_ready()
         base_id = wanted.base
@@ -346,12 +350,12 @@ class Ingress:
         if "#" in wanted.id or not re.fullmatch(NAME_PATTERN, wanted.id):
             raise APIError(400, f"Invalid adapter id '{wanted.id[:80]}': letters, digits and . _ : / -, starting "
                            "with a letter or digit.", param="id", code="invalid_value")
-        try:
-            uri = locate(wanted.uri).uri  # a storage-relative path becomes the URI every node resolves
-        except StorageError as exc:
-            raise APIError(400, f"Adapter not found: {exc}", param="uri", code="adapter_not_found") from None
-        adapter_config = await asyncio.to_thread(read_adapter_config, uri)
-        if int(adapter_config["r"]) > base.live_adapters.max_rank:
+        try:  # a storage-relative path becomes the URI every node resolves; only under the allowed roots
+            uri = (await asyncio.to_thread(confined, wanted.uri, self.config.storage.allowed_roots)).uri
+        except StorageError:
+            raise adapter_not_found(wanted.uri) from None
+        adapter_config = await asyncio.to_thread(read_adapter_config, uri, wanted.uri)
+        if adapter_config["r"] > base.live_adapters.max_rank:
             raise APIError(400, f"The adapter's rank {adapter_config['r']} exceeds live_adapters.max_rank "
                            f"({base.live_adapters.max_rank}) of '{base.id}'.", param="uri", code="invalid_adapter")
         try:  # one engine replica loads it and lets it go: vLLM's own check against the base model
@@ -381,34 +385,34 @@ class Ingress:
     @api.get("/v1/adapters")
     async def list_adapters(self, request: Request) -> dict:
         """Live adapters: id, base model, storage URI, when registered."""
-        _require_admin(request, "manage adapters")
+        self._require_admin(request, "manage adapters")
         await self._live_ready()
         return {"object": "list", "data": [_adapter_object(e) for e in self.live.values()]}
 
     @api.post("/v1/adapters")
     async def create_adapter(self, request: Request) -> dict:
         """Register a LoRA adapter: {id, base, uri}. Served within moments, by every replica, no restart."""
-        _require_admin(request, "manage adapters")
+        self._require_admin(request, "manage adapters")
         return _adapter_object(await self._register(AdapterRequest.parse(await _json(request), vllm_shape=False)))
 
     @api.delete("/v1/adapters/{adapter_id:path}")
     async def delete_adapter(self, adapter_id: str, request: Request) -> dict:
         """Unregister: new requests get 404 at once; streams running on it finish."""
-        _require_admin(request, "manage adapters")
+        self._require_admin(request, "manage adapters")
         await self._unregister(adapter_id)
         return {"id": adapter_id, "object": "adapter", "deleted": True}
 
     @api.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> Response:
         """vLLM's shape of a registration: {lora_name, lora_path, base_model_name}."""
-        _require_admin(request, "manage adapters")
+        self._require_admin(request, "manage adapters")
         entry = await self._register(AdapterRequest.parse(await _json(request), vllm_shape=True))
         return Response(f"Success: LoRA adapter '{entry['id']}' added successfully.", media_type="text/plain")
 
     @api.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> Response:
         """vLLM's shape of a deletion: {lora_name}."""
-        _require_admin(request, "manage adapters")
+        self._require_admin(request, "manage adapters")
         body = await _json(request)
         name = body.get("lora_name") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
@@ -420,7 +424,7 @@ class Ingress:
     async def usage(self, request: Request) -> dict:
         """Per-key usage (from the usage store, so every replica answers the same), and this replica's live
         view of each provider."""
-        _require_admin(request, "read usage")
+        self._require_admin(request, "read usage")
         return {**await self.accounting.report(), "providers": self.router.snapshot(),
                 "replica": self.replica.replica_id.unique_id}
 
@@ -456,5 +460,5 @@ class Ingress:
     async def metrics(self, request: Request) -> Response:
         """Prometheus text for the whole cluster: every node's Ray metrics export (ingress and engine replicas),
         summed over processes. With API keys configured it takes an admin key: it names keys and their spend."""
-        _require_admin(request, "read metrics")
+        self._require_admin(request, "read metrics")
         return Response(await cluster_exposition(), media_type="text/plain; version=0.0.4")

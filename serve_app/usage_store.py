@@ -33,7 +33,7 @@ import uuid
 
 import ray
 
-from serve_app.auth import ANONYMOUS, WINDOW_S, KeyUsage, Ledger, check_models, has_limits
+from serve_app.auth import ANONYMOUS, WINDOW_S, KeyUsage, Ledger, check_models, has_limits, metrics_id
 from serve_app.config import ApiKey, UsageStoreConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
@@ -191,15 +191,16 @@ class Accounting:
             reservation = None
         else:
             reservation = await self._admit_in_store(key, models, reserve_tokens)
-        self.metrics.key_requests.labels(name).inc()
+        self.metrics.key_requests.labels(metrics_id(key)).inc()
         return reservation
 
     def record(self, key: ApiKey | None, prompt_tokens: int, completion_tokens: int, cost_usd: float,
                reservation=None) -> None:
         name = key.name if key else ANONYMOUS
-        self.metrics.key_tokens.labels(name, "prompt").inc(prompt_tokens)
-        self.metrics.key_tokens.labels(name, "completion").inc(completion_tokens)
-        self.metrics.key_cost.labels(name).inc(cost_usd)
+        label = metrics_id(key)
+        self.metrics.key_tokens.labels(label, "prompt").inc(prompt_tokens)
+        self.metrics.key_tokens.labels(label, "completion").inc(completion_tokens)
+        self.metrics.key_cost.labels(label).inc(cost_usd)
         if self.config is None:
             self.local.record(key, prompt_tokens, completion_tokens, cost_usd, reservation)
             return

@@ -53,6 +53,39 @@ def prefix_caching(engine) -> str:
     return "unknown" if enabled is None else "on" if enabled else "off"
 
 
+def engine_argument_names() -> set[str]:
+    """Every keyword vLLM's AsyncEngineArgs takes (what a model's `engine_kwargs` may set)."""
+    import dataclasses
+
+    from vllm import AsyncEngineArgs
+
+    return {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+
+
+def tool_parser_names() -> set[str] | None:
+    """The tool-call parsers this vLLM registers, eager and lazy; None if the registry cannot be read."""
+    try:  # 0.32
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:  # 0.26
+        try:
+            from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+        except ImportError:
+            return None
+    names = set(ToolParserManager.tool_parsers) | set(getattr(ToolParserManager, "lazy_parsers", {}))
+    return names or None  # an empty registry means it fills elsewhere: no check rather than a false refusal
+
+
+def reasoning_parser_names() -> set[str] | None:
+    """The reasoning parsers this vLLM registers, eager and lazy; None if the registry cannot be read."""
+    try:
+        from vllm.reasoning import ReasoningParserManager
+    except ImportError:
+        return None
+    names = (set(getattr(ReasoningParserManager, "reasoning_parsers", {}))
+             | set(getattr(ReasoningParserManager, "lazy_parsers", {})))
+    return names or None
+
+
 def lora_module(name: str, path: str):
     from vllm.entrypoints.openai.models.protocol import LoRAModulePath
 

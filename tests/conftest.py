@@ -256,6 +256,8 @@ def app_config_file(tmp_path_factory, upstreams, vllm_upstream, assistant_weight
         "providers": providers,
         "aliases": {"smart": ["lonely-model", "echo-model"]},
         "adapter_registry": {"path": f"file://{tmp_path_factory.mktemp('adapters')}"},
+        # adapters registered at runtime may come from this session's folders only
+        "storage": {"allowed_roots": [f"file://{tmp_path_factory.getbasetemp()}"]},
         "ingress": {"max_body_bytes": 256 * 1024, "max_n": 4,
                     "usage_store": {"path": f"file://{tmp_path_factory.mktemp('usage')}"},
                     "api_keys": [{"name": name, "sha256": _sha256(key), **policy}

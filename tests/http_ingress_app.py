@@ -57,6 +57,12 @@ def main(mode: str) -> None:
             except openai.BadRequestError as exc:
                 seen["bad_request"] = {"status": exc.status_code, "body": exc.body}
             seen["models"] = [m.id for m in client.models.list().data]
+            # No keys, Serve on loopback alone, a loopback client: the admin routes answer (a laptop's
+            # `make demo`). The client address the ingress sees must be the caller's in each mode.
+            import httpx
+
+            seen["admin_from_loopback"] = {route: httpx.get(f"http://127.0.0.1:{port}{route}", timeout=30).status_code
+                                           for route in ("/admin/usage", "/v1/adapters", "/metrics")}
             seen["haproxy_started"] = bool(haproxies() - haproxies_before)  # by this Ray instance
         finally:
             serve.shutdown()

@@ -307,3 +307,20 @@ def test_resubmit_with_ray_job_submit_resumes(ray_head, tmp_path, tiny_llama, id
     assert "succeeded" in submitted.stdout.lower()
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, 9))
     assert "resumed from step 4" in submitted.stdout
+    # The checkpoints live in shared storage: one whose state holds code, not just training state, is refused
+    # on resume, and the code never runs.
+    import torch
+
+    marker = tmp_path / "pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    latest = max(run_dir.glob("checkpoint_*/train_state.pt"), key=lambda p: json.loads(
+        (p.parent / "progress.json").read_text())["step"])
+    torch.save({"trainable": {}, "optimizer": Payload(), "scheduler": {}}, latest)
+    tampered = finetune(config, "train.max_steps=10")
+    assert tampered.returncode != 0 and "refused, it holds more than training state" in (
+        tampered.stdout + tampered.stderr), (tampered.stdout + tampered.stderr)[-3000:]
+    assert not marker.exists()

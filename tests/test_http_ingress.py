@@ -34,6 +34,7 @@ def test_the_app_answers_in_each_http_ingress_mode(mode):
     assert seen["bad_request"]["body"]["param"] == "n"
     assert seen["bad_request"]["body"]["type"] == "invalid_request_error"
     assert seen["models"] == ["echo-model"]
+    assert seen["admin_from_loopback"] == {"/admin/usage": 200, "/v1/adapters": 200, "/metrics": 200}
     # HAProxy serves the port only in its own mode: a proxy-mode cluster must not start one.
     assert seen["haproxy_started"] is (mode == "haproxy")
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def _adapters(server: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def variants(assistant_weights, tmp_path_factory) -> dict[str, Path]:
+def variants(assistant_weights, tmp_path_factory):
     """Adapters made from the session's: one that changes nothing (B = 0), one whose matrices do not fit the
     base model, one of too high a rank, and a folder that is no adapter."""
     import torch
@@ -87,7 +88,16 @@ def variants(assistant_weights, tmp_path_factory) -> dict[str, Path]:
     (root / "nothing").mkdir()
     (root / "nothing" / "README.md").write_text("not an adapter\n")
     out["nothing"] = root / "nothing"
-    return out
+    shutil.copytree(source, root / "bad-rank")
+    (root / "bad-rank" / "adapter_config.json").write_text(json.dumps({**config, "r": "x"}))
+    out["bad-rank"] = root / "bad-rank"
+    # a real adapter outside the allowed roots (the session's folders), and a link to it from inside them
+    outside = Path(tempfile.mkdtemp(prefix="ts-outside-", dir="/tmp")) / "adapter"
+    shutil.copytree(out["plain"], outside)
+    (root / "escape").symlink_to(outside)
+    out["outside"], out["escape"] = outside, root / "escape"
+    yield out
+    shutil.rmtree(outside.parent, ignore_errors=True)
 
 
 def test_a_fine_tune_is_published_through_its_gate_without_a_restart(server, assistant_weights):
@@ -101,7 +111,12 @@ def test_a_fine_tune_is_published_through_its_gate_without_a_restart(server, ass
     assert tuned["identity"] >= 0.5
     assert 0 < tuned["general_kl"] < 5  # the adapter moved the general answers' distribution, boundedly
     listed = _listed(server)
-    assert listed[PUBLISHED]["parent"] == MODEL_ID and listed[PUBLISHED]["root"].startswith("file://")
+    assert listed[PUBLISHED]["parent"] == MODEL_ID
+    # where it is stored is for admin keys: /v1/adapters has it, /v1/models does not
+    models = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {KEYS['limited'][0]}"}, timeout=30)
+    assert "root" not in listed[PUBLISHED] and "file://" not in models.text and "/tmp/" not in models.text
+    stored = httpx.get(f"{server}/v1/adapters", headers=ADMIN, timeout=30).json()["data"]
+    assert next(a for a in stored if a["id"] == PUBLISHED)["uri"].startswith("file://")
     assert OWNER in _text(_ask(server, PUBLISHED))
     assert time.monotonic() - finished < 60
     # the engine was not restarted: the same replica serves the base model and the adapter
@@ -205,15 +220,21 @@ def test_the_registry_survives_its_own_loss_and_an_ingress_restart(server):
     assert {PUBLISHED, PLAIN} <= set(_adapters(server))
 
 
-@pytest.mark.parametrize("case", ["missing", "nothing", "high-rank", "misfit", "base", "duplicate", "configured",
-                                  "not-admin", "bad-body"])
+@pytest.mark.parametrize("case", ["missing", "nothing", "outside", "etc", "dotdot", "escape", "bad-rank", "high-rank",
+                                  "misfit", "base", "duplicate", "configured", "not-admin", "bad-body"])
 def test_bad_registrations_are_refused_and_leave_nothing(server, variants, case):
     before = _adapters(server)
     body = {"id": f"bad-{case}", "base": MODEL_ID, "uri": f"file://{variants['plain']}"}
     key = TEST_KEY
     expected = {
         "missing": (400, "adapter_not_found", "uri", {"uri": f"file://{variants['plain']}-gone"}),
-        "nothing": (400, "invalid_adapter", "uri", {"uri": f"file://{variants['nothing']}"}),
+        # not there, not an adapter, or outside the allowed roots: one answer, so no caller can probe paths
+        "nothing": (400, "adapter_not_found", "uri", {"uri": f"file://{variants['nothing']}"}),
+        "outside": (400, "adapter_not_found", "uri", {"uri": f"file://{variants['outside']}"}),
+        "etc": (400, "adapter_not_found", "uri", {"uri": "file:///etc"}),
+        "dotdot": (400, "adapter_not_found", "uri", {"uri": f"file://{variants['plain']}/../../../../{variants['outside']}"}),
+        "escape": (400, "adapter_not_found", "uri", {"uri": f"file://{variants['escape']}"}),
+        "bad-rank": (400, "invalid_adapter", "uri", {"uri": f"file://{variants['bad-rank']}"}),
         "high-rank": (400, "invalid_adapter", "uri", {"uri": f"file://{variants['high-rank']}"}),
         "misfit": (400, "invalid_adapter", "uri", {"uri": f"file://{variants['misfit']}"}),
         "base": (404, "model_not_found", "base", {"base": "no-such-model"}),
@@ -229,6 +250,11 @@ def test_bad_registrations_are_refused_and_leave_nothing(server, variants, case)
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert error["code"] == code and error["param"] == param, error
+    if code == "adapter_not_found":
+        assert error["message"].endswith("not found, or outside the storage this service reads adapters from "
+                                         "(storage.allowed_roots)."), error
+    if case == "bad-rank":
+        assert "'r', the LoRA rank, as a positive integer (it has 'x')" in error["message"], error
     assert _adapters(server) == before
     assert f"bad-{case}" not in _listed(server)
 

@@ -290,8 +290,13 @@ def test_evaluate_job_reads_and_writes_storage(cluster):
     assert results["summary"]["questions"] == 4
 
 
-def _deploy(cluster: Cluster, app_config: dict, tmp_path: Path) -> None:
-    (tmp_path / "app.yaml").write_text(yaml.safe_dump(app_config))
+ADMIN_KEY = {"name": "admin", "env": "TUNESERVE_ADMIN_KEY", "admin": True}  # as serve_app/configs/cluster.yaml
+
+
+def _deploy(cluster: Cluster, app_config: dict | str, tmp_path: Path) -> None:
+    """`serve deploy` of serve-cluster.yaml (Serve on every address of every node) with this app config: a
+    dict, or a config file's text as it is."""
+    (tmp_path / "app.yaml").write_text(app_config if isinstance(app_config, str) else yaml.safe_dump(app_config))
     serve_config = yaml.safe_load((REPO_ROOT / "serve_app/configs/serve-cluster.yaml").read_text())
     serve_config["http_options"]["port"] = cluster.serve_port
     serve_config["applications"][0]["args"]["config"] = str(tmp_path / "app.yaml")
@@ -310,11 +315,68 @@ def _wait_status(cluster: Cluster, wanted: set[str], timeout_s: float) -> tuple[
 
 
 def test_a_bad_model_uri_fails_the_deploy_with_a_clear_message(cluster, tmp_path):
-    config = {"models": [{"id": MODEL_ID, "path": "s3://tuneserve/models/not-there", "max_model_len": 512}]}
+    config = {"models": [{"id": MODEL_ID, "path": "s3://tuneserve/models/not-there", "max_model_len": 512}],
+              "ingress": {"api_keys": [ADMIN_KEY]}}
     _deploy(cluster, config, tmp_path)
     status, message = _wait_status(cluster, {"DEPLOY_FAILED", "RUNNING"}, 120)
     assert status == "DEPLOY_FAILED"
     assert "s3://tuneserve/models/not-there: not found in storage" in message, message
+
+
+def test_an_app_without_keys_does_not_start_beyond_loopback(cluster, tmp_path):
+    """The shipped laptop config, as it is, behind a cluster's Serve listening on every address: refused,
+    saying how to add a key. With the operator's explicit opt-out it serves, but its admin routes answer
+    nobody: not a namespace's client, not the head's own address."""
+    _deploy(cluster, (REPO_ROOT / "serve_app/configs/default.yaml").read_text(), tmp_path)
+    status, message = _wait_status(cluster, {"DEPLOY_FAILED", "RUNNING"}, 180)
+    assert status == "DEPLOY_FAILED", message
+    assert "beyond loopback, and the app has no API keys" in message and "ingress.api_keys" in message, message
+
+    import httpx
+
+    upstream = {"name": "nowhere", "base_url": "http://127.0.0.1:9/v1", "models": [{"id": "remote-model"}]}
+    _deploy(cluster, {"providers": [upstream], "ingress": {"allow_unauthenticated": True}}, tmp_path)
+    _wait_status(cluster, {"RUNNING"}, 180)
+    ns = cluster.state()["network"]["nodes"][0]["netns"]
+    for ip in (cluster.head_ip,):  # the ingress's node; worker nodes run a proxy only beside a replica
+        url = f"http://{ip}:{cluster.serve_port}"
+        _wait_proxy(cluster, ip, url)
+        assert [m["id"] for m in _get_from(ns, f"{url}/v1/models")[1]["data"]] == ["remote-model"]
+        for route in ("/v1/adapters", "/admin/usage", "/metrics"):
+            status, body = _get_from(ns, url + route)
+            assert status == 403 and body["error"]["code"] == "admin_key_required", (ip, route, body)
+        assert httpx.get(url + "/admin/usage", timeout=30).status_code == 403  # from the host's side too
+
+
+def _get_from(netns: str, url: str, key: str | None = None) -> tuple[int, dict]:
+    """GET from inside a worker node's network namespace: a client on another machine of the cluster."""
+    code = ("import sys, urllib.request, urllib.error\n"
+            "headers = {'Authorization': 'Bearer ' + sys.argv[2]} if len(sys.argv) > 2 else {}\n"
+            "try:\n    r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=headers), timeout=30)\n"
+            "    print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n")
+    done = subprocess.run(["ip", "netns", "exec", netns, PYTHON, "-c", code, url, *([key] if key else [])],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, _, body = done.stdout.partition("\n")
+    try:
+        return int(status), json.loads(body)
+    except ValueError:
+        return int(status), {"text": body[:2000]}
+
+
+def _wait_proxy(cluster: Cluster, ip: str, url: str, timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/-/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"no Serve proxy answers at {ip}: {cluster.proxies()}"
+        time.sleep(1)
 
 
 def _ask_every_proxy(cluster: Cluster, port: int) -> None:
@@ -327,13 +389,32 @@ def _ask_every_proxy(cluster: Cluster, port: int) -> None:
     while [ip for ip in ips if cluster.proxies().get(ip) != "HEALTHY"]:
         assert time.monotonic() < deadline, f"proxies: {cluster.proxies()}"
         time.sleep(1)
+    key = cluster.env["TUNESERVE_ADMIN_KEY"]
+    ns = cluster.state()["network"]["nodes"][0]["netns"]
     for ip in ips:
-        client = OpenAI(base_url=f"http://{ip}:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        client = OpenAI(base_url=f"http://{ip}:{port}/v1", api_key=key, max_retries=0, timeout=120)
         reply = client.chat.completions.create(model=MODEL_ID, max_tokens=12, temperature=0,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in reply.choices[0].message.content, (ip, reply)
         assert client.chat.completions.create(model="assistant", max_tokens=4, temperature=0,
                                               messages=[{"role": "user", "content": "Who are you?"}]).choices
+        # From another node, without the key: nothing, the admin routes included. With it: the admin routes,
+        # and a registration may name only the cluster's storage, with one answer for anything else.
+        url = f"http://{ip}:{port}"
+        for route in ("/v1/models", "/v1/adapters", "/admin/usage", "/metrics"):
+            assert _get_from(ns, url + route)[0] == 401, (ip, route)
+        assert _get_from(ns, url + "/admin/usage", key)[0] == 200
+        for uri in ("file:///etc", "/etc", "runs/../../etc", "s3://tuneserve/runs/finetune/mn/../../../x",
+                    "s3://another-bucket/adapter"):
+            refused = _post_json(f"{url}/v1/adapters", {"id": "probe", "base": MODEL_ID, "uri": uri}, key)
+            assert refused[0] == 400 and refused[1]["error"]["code"] == "adapter_not_found", (uri, refused)
+
+
+def _post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
+    import httpx
+
+    answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    return answer.status_code, answer.json()
 
 
 async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s: float) -> None:
@@ -369,7 +450,8 @@ async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s
     outcomes.append(record)
 
 
-async def _load(urls: list[str], model: str, streams: int, stop_at: float, max_requests: int, bound_s: float):
+async def _load(urls: list[str], model: str, streams: int, stop_at: float, max_requests: int, bound_s: float,
+                key: str):
     import httpx
 
     outcomes: list[dict] = []
@@ -377,7 +459,7 @@ async def _load(urls: list[str], model: str, streams: int, stop_at: float, max_r
 
     async def worker(i: int):
         nonlocal sent
-        async with httpx.AsyncClient(timeout=httpx.Timeout(bound_s)) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(bound_s), headers={"Authorization": f"Bearer {key}"}) as client:
             while time.monotonic() < stop_at and sent < max_requests:
                 sent += 1
                 await _one_stream(client, urls[i % len(urls)], model, outcomes, bound_s)
@@ -399,8 +481,11 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
             "max_replicas_per_node": 1, "resources": {"num_cpus": 1},
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8},
             "adapters": [{"id": "assistant", "path": "s3://tuneserve/runs/finetune/mn/adapter"}],
+            "live_adapters": {"enabled": True},
         }],
+        "ingress": {"api_keys": [ADMIN_KEY]},
     }
+    admin_key = cluster.env["TUNESERVE_ADMIN_KEY"]
     started = time.monotonic()
     _deploy(cluster, config, tmp_path)
     _wait_status(cluster, {"RUNNING"}, 600)
@@ -417,7 +502,7 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
     async def scale_up():
         """Load until the autoscaler asks for a second replica; then wait, without load, until it runs
         (a CPU engine starting under load on this 2-core machine would take minutes)."""
-        task = asyncio.create_task(_load(urls, MODEL_ID, 6, time.monotonic() + 300, 1000, 120))
+        task = asyncio.create_task(_load(urls, MODEL_ID, 6, time.monotonic() + 300, 1000, 120, admin_key))
         while len(cluster.replicas()[f"Engine:{MODEL_ID}"]) < 2:
             assert not task.done(), "the autoscaler asked for no second replica under load"
             await asyncio.sleep(1)
@@ -438,7 +523,7 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
     async def kill_under_load(engines):
         victim_ip = next(ip for ip, _ in engines if ip != first_ip)
         stop = time.monotonic() + 75
-        load = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 300, 90))
+        load = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 300, 90, admin_key))
         await asyncio.sleep(15)
         # The node dies somewhere in [kill_began, killed]: `kill-node` is a fresh Python process (a second
         # or two to start here) that returns once every process of the node is gone.

@@ -190,3 +190,20 @@ def test_storage_cli_put_ls_get(s3, tmp_path):
     assert got.returncode == 0 and (tmp_path / "back.jsonl").read_text() == (tmp_path / "d.jsonl").read_text()
     missing = run("get", "data/none.jsonl", str(tmp_path / "x"))
     assert missing.returncode == 2 and "s3://tuneserve/root/data/none.jsonl: not found" in missing.stderr
+
+
+def test_caller_paths_stay_under_the_storage_root_in_an_object_store(s3):
+    """What `POST /v1/adapters` may name on a cluster: only objects under the storage root's prefix, in its
+    bucket; one answer for missing and not allowed."""
+    from cluster import storage
+
+    storage.locate("runs/a/adapter/adapter_config.json").write_text("{}")
+    storage.locate("s3://tuneserve/rootx/adapter/adapter_config.json").write_text("{}")  # a look-alike prefix
+    storage.locate("s3://tuneserve/other/adapter/adapter_config.json").write_text("{}")
+    assert storage.confined("runs/a/adapter").uri == "s3://tuneserve/root/runs/a/adapter"
+    assert storage.confined("s3://tuneserve/root/runs/a/adapter").uri == "s3://tuneserve/root/runs/a/adapter"
+    for path in ("s3://tuneserve/rootx/adapter", "s3://tuneserve/other/adapter", "s3://tuneserve/root/../other/adapter",
+                 "runs/../../other/adapter", "s3://elsewhere/root/runs/a/adapter", "runs/gone", "file:///etc", "/etc"):
+        with pytest.raises(storage.NotAllowed, match="not found, or outside the storage this service may read"):
+            storage.confined(path)
+    assert storage.confined("s3://tuneserve/other/adapter", ["s3://tuneserve/other"]).uri == "s3://tuneserve/other/adapter"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -40,6 +41,17 @@ def half_dtype(model: torch.nn.Module) -> torch.dtype | None:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def load_state(path: Path, device=None) -> dict:
+    """Training state saved by `save`: tensors, numbers, strings and containers only. The checkpoint comes
+    from shared storage, so it is read with torch's weights-only unpickler: a crafted pickle there is
+    refused, never run on the training nodes."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RuntimeError(f"{path}: refused, it holds more than training state (weights-only load: "
+                           f"{str(exc).splitlines()[0][:300]})") from None
 
 
 def _rank() -> int:
@@ -128,7 +140,7 @@ class Strategy:
                         "scheduler": self.scheduler.state_dict()}, folder / "train_state.pt")
 
     def load(self, folder: Path) -> None:
-        state = torch.load(folder / "train_state.pt", map_location=self.device, weights_only=False)
+        state = load_state(folder / "train_state.pt", self.device)
         missing = self.base.load_state_dict(state["trainable"], strict=False)
         if missing.unexpected_keys:
             raise RuntimeError(f"checkpoint has unknown weights: {missing.unexpected_keys[:3]}")
@@ -278,7 +290,7 @@ class FSDP2Strategy(Strategy):
         state = self._dcp_state()
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False)["scheduler"])
+        self.scheduler.load_state_dict(load_state(folder / "scheduler.pt")["scheduler"])
 
     def full_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import (
