@@ -366,16 +366,17 @@ def _get_from(netns: str, url: str, key: str | None = None) -> tuple[int, dict]:
 
 
 def _wait_proxy(cluster: Cluster, ip: str, url: str, timeout_s: float = 120) -> None:
+    """Until the app answers through this node's HTTP ingress (Serve's proxy or HAProxy)."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx.get(url + "/-/healthz", timeout=5).status_code == 200:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, f"no Serve proxy answers at {ip}: {cluster.proxies()}"
+        assert time.monotonic() < deadline, f"the app does not answer at {ip}: {cluster.proxies()}"
         time.sleep(1)
 
 

@@ -20,7 +20,13 @@ APP, PREFIX = "usage", "/usage"
 RPM = 6
 RETRY_S = 2.0
 HI = [{"role": "user", "content": "hi"}]
-KEYS = {"boss": ("sk-boss", {"admin": True}), "capped": ("sk-capped", {"rpm": RPM}), "free": ("sk-free", {})}
+KEYS = {"boss": ("sk-boss", {"admin": True}), "capped": ("sk-capped", {"rpm": RPM}),
+        "free": ("sk-free", {"metrics_id": "team-free"})}
+
+
+def _key_id(name: str) -> str:
+    """How metrics name a key without a metrics_id: a digest's first 8 hex digits."""
+    return f"key-{hashlib.sha256(KEYS[name][0].encode()).hexdigest()[:8]}"
 
 
 def _config(upstreams, folder: Path, on_unavailable: str = "open", max_n: int = 4) -> AppConfig:
@@ -122,8 +128,8 @@ def test_every_replica_reports_the_same_usage(base):
     free = _usage(base)["keys"]["free"]
     assert free["completion_tokens"] == 9 and free["cost_usd"] > 0
     # /metrics adds up over both replicas too (Ray's metrics export, summed over processes)
-    scrape(base, [f'ray_tuneserve_key_requests_total{{app="{APP}",key="capped"}} {RPM}\n',
-                  f'ray_tuneserve_key_requests_total{{app="{APP}",key="free"}} 3\n'], key=KEYS["boss"][0])
+    scrape(base, [f'ray_tuneserve_key_requests_total{{app="{APP}",key="{_key_id("capped")}"}} {RPM}\n',
+                  f'ray_tuneserve_key_requests_total{{app="{APP}",key="team-free"}} 3\n'], key=KEYS["boss"][0])
 
 
 def test_usage_survives_replica_restarts_and_a_redeploy(base, upstreams, folder):
