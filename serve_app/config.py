@@ -99,7 +99,9 @@ class LiveAdapters(_Strict):
 class ModelConfig(_Strict):
     id: str = Field(pattern=NAME_PATTERN)
     path: str = "default"
-    dtype: Dtype = "auto"  # auto: float32 on CPU (bf16 is slow and needs eager mode there), bfloat16 on GPU
+    # auto: bfloat16 on GPUs, and on CPUs with native bf16 instructions (then in eager mode, the only one
+    # vLLM-CPU runs bf16 correctly in); float32 on other CPUs (serve_app/engine.py resolve_dtype)
+    dtype: Dtype = "auto"
     max_model_len: int = Field(2048, ge=16)
     tensor_parallel_size: int = Field(1, ge=1)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs as-is

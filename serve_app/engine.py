@@ -87,13 +87,27 @@ def _bind_cpu_engine(model: ModelConfig) -> None:
                  context.world_size, cores)
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this node's CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), read from
+    /proc/cpuinfo (or `cpuinfo`). There vLLM-CPU's bf16 engine serves about twice fp32's output tokens/s
+    (docs/benchmarks.md). Without them bf16 is emulated with conversions, so fp32 stays the choice."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(model: ModelConfig, on_gpu: bool, quantized: bool = False) -> str:
-    """float32 on CPU: bf16 there is slow and only correct in eager mode. bfloat16 on GPUs. Quantized
-    weights on CPU: bfloat16, since vLLM-CPU's quantized kernels take bf16 activations (its int8 GEMM
-    refuses float32: "int8_scaled_mm_with_quant: expect A to be bfloat16 or half")."""
+    """`auto`: bfloat16 on GPUs; on a CPU, bfloat16 where it has native bf16 instructions (the engine then
+    runs eager, the only mode vLLM-CPU runs bf16 correctly in), else float32. Quantized weights on a CPU
+    always run bfloat16: vLLM-CPU's quantized kernels take bf16 activations (its int8 GEMM refuses float32:
+    "int8_scaled_mm_with_quant: expect A to be bfloat16 or half")."""
     if model.dtype != "auto":
         return model.dtype
-    return "bfloat16" if on_gpu or quantized else "float32"
+    return "bfloat16" if on_gpu or quantized or cpu_has_native_bf16() else "float32"
 
 
 def adapter_folder(path: str) -> Path:

@@ -138,7 +138,10 @@ def engine_spec_in_local_ray(args: argparse.Namespace) -> EngineSpec:
     from cluster.model_cache import resolve_model_path
     from cluster.resources import cluster_has_gpus
 
+    from cluster.local import serve_env
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.update(serve_env())  # Serve in this Ray instance runs the default HTTP ingress, as a user's does
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     on_gpu = cluster_has_gpus()
     return EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--baseline", default="vllm", help="target the others are compared with")
     serve.add_argument("--model", default="default", help="HF folder or hub id ('default': cached SmolLM2)")
     serve.add_argument("--model-id", default="bench-model", help="name the model is served under")
-    serve.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    serve.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU; auto: each app's "
+                       "own default (tuneserve=DIR: that checkout's), and ours for raw vLLM")
     serve.add_argument("--max-model-len", type=int, default=2048)
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     router.add_argument("--ingress-replicas", type=int, default=1, help="our app's ingress replicas")
     router.add_argument("--http-ingress", default=None,
                         help="HTTP ingress modes to compare, comma-separated: proxy, haproxy (each in its own "
-                             "Ray instance; default: TUNESERVE_HTTP_INGRESS, else proxy)")
+                             "Ray instance; default: TUNESERVE_HTTP_INGRESS, else haproxy)")
     router.add_argument("--out", default=None, help="write results as JSON here")
     tune = sub.add_parser("finetune", help="QLoRA tok/s and peak memory: our Ray Train job vs a plain peft loop")
     add_model_arguments(tune, "llama3-8b", "runs/bench-finetune", "random weights")
@@ -424,7 +428,10 @@ def _router_rows(args: argparse.Namespace, mode: str) -> list[dict]:
     from jobs.bench.router_overhead import run
 
     os.environ.update(serve_env(mode))  # the Ray instance started here, and Serve in it, run in this mode
+    from cluster.local import serve_env
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.update(serve_env())  # Serve in this Ray instance runs the default HTTP ingress, as a user's does
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         rows = run(args.rate, args.requests, args.max_tokens, clients=args.clients,

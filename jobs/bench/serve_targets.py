@@ -44,7 +44,15 @@ class EngineSpec:
     extra: dict | None = None
 
     def vllm_kwargs(self) -> dict:
-        kwargs = {"dtype": self.dtype, "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
+        """Raw vLLM's arguments. dtype "auto" is our engine's default on this machine (serve_app/engine.py), so
+        that raw vLLM and each app, which resolves "auto" itself, run the dtype a user gets."""
+        dtype = self.dtype
+        if dtype == "auto":
+            from serve_app.config import ModelConfig
+            from serve_app.engine import resolve_dtype
+
+            dtype = resolve_dtype(ModelConfig(id="bench", path=self.path), self.on_gpu)
+        kwargs = {"dtype": dtype, "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
                   "enforce_eager": self.enforce_eager}
         kwargs.update(self.extra or {})
         return kwargs
