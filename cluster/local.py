@@ -18,6 +18,7 @@ data/ and model cache, and an S3-compatible server (moto) on the bridge as the s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -92,14 +93,28 @@ def http_ingress_mode(mode: str | None = None) -> str:
     return mode
 
 
-def serve_env(mode: str | None = None) -> dict[str, str]:
+# Ray's HAProxy also binds a stats page and a Prometheus exporter on every interface, at fixed ports (8404,
+# 9101): a second Ray instance on the host (a test's, a benchmark's) could not start its own. Each instance
+# that cluster.local or a benchmark starts takes free ones; firewall them like Ray's other ports.
+HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def haproxy_side_ports() -> dict[str, str]:
+    """Free ports for a new Ray instance's HAProxy stats page and exporter, unless the environment names them."""
+    return {name: os.environ.get(name) or str(free_port()) for name in HAPROXY_SIDE_PORTS}
+
+
+def serve_env(mode: str | None = None, own_instance: bool = False) -> dict[str, str]:
     """Ray Serve's settings for our replicas (set per deployment in serve_app/app.py) and for the nodes we
     start. Throughput mode: user code on the replica's own event loop (no thread hop per streamed chunk),
     gRPC between deployments, GC frozen after start-up; on one H100 at 64 streams it took the app from
     0.50x to 0.97x of raw vLLM's output tokens/s (docs/benchmarks.md). That mode would also turn direct
     ingress on; the HTTP ingress mode (`mode`, else the environment's) decides it instead."""
     mode = http_ingress_mode(mode)
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TUNESERVE_HTTP_INGRESS": mode, **HTTP_INGRESS_MODES[mode]}
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TUNESERVE_HTTP_INGRESS": mode, **HTTP_INGRESS_MODES[mode]}
+    if own_instance and mode == "haproxy":  # for a Ray instance about to start (`own_instance`)
+        env.update(haproxy_side_ports())
+    return env
 
 
 class ClusterState(BaseModel):
@@ -276,8 +291,14 @@ def _ray_cli() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 
+def _haproxy_ports_file() -> Path:
+    return ray_dir() / "haproxy_ports.json"
+
+
 def _node_env(extra: dict[str, str]) -> dict[str, str]:
     env = {**os.environ, **client_env(), **serve_env(), **extra}
+    if _haproxy_ports_file().exists():  # the same on every node (each worker node has its own addresses)
+        env.update(json.loads(_haproxy_ports_file().read_text()))
     # Job entrypoints (`ray job submit -- python -m ...`) inherit the head's PATH: put our venv first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS")  # `ray start` must not read a dashboard URL as the cluster to join
@@ -295,6 +316,8 @@ def up(num_cpus: int | None = None, nodes: int = 1, node_cpus: int = 2) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if not token_path().exists():
         _write_secret(token_path(), uuid.uuid4().hex)
+    if not _haproxy_ports_file().exists():
+        _haproxy_ports_file().write_text(json.dumps(haproxy_side_ports()))
     if not admin_key_path().exists():
         _write_secret(admin_key_path(), os.environ.get("TUNESERVE_ADMIN_KEY") or f"sk-admin-{secrets.token_hex(24)}")
     state = None

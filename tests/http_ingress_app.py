@@ -16,7 +16,7 @@ import time
 def main(mode: str) -> None:
     from cluster.local import free_port, serve_env
 
-    os.environ.update(serve_env(mode))  # before Ray starts: its Serve reads the mode once
+    os.environ.update(serve_env(mode, own_instance=True))  # before Ray starts: its Serve reads the mode once
     import openai
     import psutil
     import ray

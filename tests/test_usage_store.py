@@ -71,7 +71,8 @@ def _chat(base: str, key: str, model: str = "echo-model") -> httpx.Response:
 
 
 def _usage(base: str) -> dict:
-    return httpx.get(f"{base}/admin/usage", headers=_auth("boss"), timeout=30).json()
+    return _wait_for(lambda: httpx.get(f"{base}/admin/usage", headers=_auth("boss"), timeout=30).json(),
+                     "an answer from /admin/usage", limit_s=10)
 
 
 def _kill_store() -> None:
@@ -97,7 +98,12 @@ def _kill_store() -> None:
 def _wait_for(condition, what: str, limit_s: float = 30.0):
     deadline = time.monotonic() + limit_s
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except httpx.TransportError:
+            # While ingress replicas are replaced (killed, redeployed), HAProxy reloads its backends, and a
+            # connection it holds then can close with no answer (docs/reliability.md): not an answer yet.
+            value = None
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

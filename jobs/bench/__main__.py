@@ -141,7 +141,7 @@ def engine_spec_in_local_ray(args: argparse.Namespace) -> EngineSpec:
     from cluster.local import serve_env
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.update(serve_env())  # Serve in this Ray instance runs the default HTTP ingress, as a user's does
+    os.environ.update(serve_env(own_instance=True))  # Serve here runs the default HTTP ingress, as a user's does
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     on_gpu = cluster_has_gpus()
     return EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
@@ -427,11 +427,8 @@ def _router_rows(args: argparse.Namespace, mode: str) -> list[dict]:
     from cluster.local import serve_env
     from jobs.bench.router_overhead import run
 
-    os.environ.update(serve_env(mode))  # the Ray instance started here, and Serve in it, run in this mode
-    from cluster.local import serve_env
-
+    os.environ.update(serve_env(mode, own_instance=True))  # the Ray instance started here, and Serve in it
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.update(serve_env())  # Serve in this Ray instance runs the default HTTP ingress, as a user's does
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         rows = run(args.rate, args.requests, args.max_tokens, clients=args.clients,
