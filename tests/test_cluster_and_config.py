@@ -132,3 +132,20 @@ def test_tensor_parallel_defaults_only_where_multicast_is_off():
     assert tensor_parallel_defaults(1, no_multicast) == ({}, {})
     assert tensor_parallel_defaults(4, {}) == ({}, {})
     assert tensor_parallel_defaults(4, {"NCCL_NVLS_ENABLE": "1"}) == ({}, {})
+
+
+def test_cpu_engines_default_to_bf16_only_where_the_cpu_has_native_bf16():
+    from serve_app.config import ModelConfig
+    from serve_app.engine import cpu_has_native_bf16, resolve_dtype
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t\t: avx2 avx512f amx_bf16 amx_tile\n"
+    avx2_only = "flags\t\t: fpu sse4_2 avx avx2 fma\n"
+    assert cpu_has_native_bf16(zen4) and cpu_has_native_bf16(sapphire)
+    assert not cpu_has_native_bf16(avx2_only) and not cpu_has_native_bf16("")
+    model = ModelConfig(id="m")
+    native = cpu_has_native_bf16()
+    assert resolve_dtype(model, on_gpu=False) == ("bfloat16" if native else "float32")
+    assert resolve_dtype(model, on_gpu=True) == "bfloat16"
+    assert resolve_dtype(model, on_gpu=False, quantized=True) == "bfloat16"
+    assert resolve_dtype(ModelConfig(id="m", dtype="float32"), on_gpu=False) == "float32"
