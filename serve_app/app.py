@@ -75,7 +75,7 @@ def check_storage_paths(config: AppConfig) -> None:
                     check(path, must_exist=True)
                 except StorageError as exc:
                     raise ValueError(f"{what}: {exc}") from exc
-            elif _names_a_local_folder(path) and not Path(path).expanduser().exists():
+            elif _names_a_local_folder(path) and _local_folder(path) is None:
                 raise ValueError(f"{what}: the local folder {path} does not exist on this node. On a cluster, "
                                  "name it by storage URI (s3://, gs://, file://) so that every node can fetch it.")
         for adapter in model.adapters:
@@ -89,6 +89,17 @@ def _names_a_local_folder(path: str) -> bool:
     return path.startswith(("/", "~", "./", "../")) or path.count("/") > 1
 
 
+def _local_folder(path: str) -> Path | None:
+    """Where a local path is on this node: as given (absolute, or from this process's folder), else under the
+    project folder, where `serve deploy` builds the app from; None where it is in neither."""
+    from cluster.storage import project_root
+
+    for candidate in (Path(path).expanduser(), project_root() / path):
+        if candidate.exists():
+            return candidate
+    return None
+
+
 def _check_adapter_config(adapter_id: str, path: str) -> None:
     import json
 
@@ -97,7 +108,7 @@ def _check_adapter_config(adapter_id: str, path: str) -> None:
 
     try:
         text = (locate(path).join("adapter_config.json").read_text() if is_uri(path)
-                else (Path(path).expanduser() / "adapter_config.json").read_text())
+                else ((_local_folder(path) or Path(path)) / "adapter_config.json").read_text())
         adapter_rank(json.loads(text), f"adapter {adapter_id} ({path})")
     except (OSError, StorageError) as exc:
         raise ValueError(f"adapter {adapter_id}: {path} is not a PEFT adapter folder: no readable "

@@ -147,7 +147,7 @@ def _adapter(folder: Path, config: dict | None) -> str:
     ("r-bool", "(it has True)"),
     ("r-zero", "(it has 0)"),
 ])
-def test_model_and_adapter_folders_are_checked_at_build(tmp_path, case, needle):
+def test_model_and_adapter_folders_are_checked_at_build(tmp_path, monkeypatch, case, needle):
     from serve_app.app import check_storage_paths
 
     model = {"id": "m", "path": "default"}
@@ -164,9 +164,13 @@ def test_model_and_adapter_folders_are_checked_at_build(tmp_path, case, needle):
     with pytest.raises(ValueError) as caught:
         check_storage_paths(AppConfig.model_validate({"models": [model]}))
     assert needle in str(caught.value)
-    # the same app with a good adapter builds
+    # the same app with a good adapter builds, named absolutely or relative to the project folder
     good = {"id": "m", "path": "default", "adapters": [{"id": "a", "path": _adapter(tmp_path / "ok", adapter_config)}]}
     check_storage_paths(AppConfig.model_validate({"models": [good]}))
+    monkeypatch.setenv("TUNESERVE_PROJECT", str(tmp_path))
+    _adapter(tmp_path / "runs" / "x" / "adapter", adapter_config)
+    relative = {"id": "m", "path": "default", "adapters": [{"id": "a", "path": "runs/x/adapter"}]}
+    check_storage_paths(AppConfig.model_validate({"models": [relative]}))
 
 
 @pytest.mark.parametrize("setting,needle", [
