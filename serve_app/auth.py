@@ -82,9 +82,7 @@ def serve_listen_host() -> str | None:
 
 def metrics_id(key: ApiKey | None) -> str:
     """The key's label in metrics: its configured alias or a short digest, never its name."""
-    if key is None:
-        return ANONYMOUS
-    return key.metrics_id or f"key-{key.digest()[:8]}"
+    return ANONYMOUS if key is None else key.metric_label()
 
 
 class KeyStore:

@@ -198,12 +198,14 @@ class ApiKey(_Strict):
             raise ValueError(f"api key {self.name}: environment variable {self.env} is not set")
         return hash_key(value)
 
+    def metric_label(self) -> str:
+        """How metrics name the key: its `metrics_id`, else "key-" and the first 8 hex digits of its digest."""
+        return self.metrics_id or f"key-{self.digest()[:8]}"
+
     def resolved(self) -> "ApiKey":
         """The same key with its digest and metrics id filled in: what the ingress replicas receive, so that
         a key read from the environment is read where the app is built, and a missing one fails the build."""
-        digest = self.digest()
-        return self.model_copy(update={"sha256": digest, "env": None,
-                                       "metrics_id": self.metrics_id or f"key-{digest[:8]}"})
+        return self.model_copy(update={"sha256": self.digest(), "env": None, "metrics_id": self.metric_label()})
 
 
 class ProviderModel(_Strict):

@@ -126,7 +126,10 @@ def lora_settings(model: ModelConfig) -> dict[str, Any]:
     live = model.live_adapters.enabled and model.task == "generate"
     if not model.adapters and not live:
         return {}
-    ranks = [json.loads((adapter_folder(a.path) / "adapter_config.json").read_text())["r"] for a in model.adapters]
+    from serve_app.adapters import adapter_rank
+
+    ranks = [adapter_rank(json.loads((adapter_folder(a.path) / "adapter_config.json").read_text()), a.path)
+             for a in model.adapters]
     rank = max(ranks + ([model.live_adapters.max_rank] if live else []))
     max_loras = max(min(len(model.adapters), 8), model.live_adapters.max_loras if live else 0)
     settings = {"enable_lora": True, "max_loras": max_loras,

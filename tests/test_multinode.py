@@ -338,14 +338,13 @@ def test_an_app_without_keys_does_not_start_beyond_loopback(cluster, tmp_path):
     _deploy(cluster, {"providers": [upstream], "ingress": {"allow_unauthenticated": True}}, tmp_path)
     _wait_status(cluster, {"RUNNING"}, 180)
     ns = cluster.state()["network"]["nodes"][0]["netns"]
-    for ip in (cluster.head_ip,):  # the ingress's node; worker nodes run a proxy only beside a replica
-        url = f"http://{ip}:{cluster.serve_port}"
-        _wait_proxy(cluster, ip, url)
-        assert [m["id"] for m in _get_from(ns, f"{url}/v1/models")[1]["data"]] == ["remote-model"]
-        for route in ("/v1/adapters", "/admin/usage", "/metrics"):
-            status, body = _get_from(ns, url + route)
-            assert status == 403 and body["error"]["code"] == "admin_key_required", (ip, route, body)
-        assert httpx.get(url + "/admin/usage", timeout=30).status_code == 403  # from the host's side too
+    url = f"http://{cluster.head_ip}:{cluster.serve_port}"  # the ingress's node: worker nodes run a proxy
+    _wait_proxy(cluster, cluster.head_ip, url)                # only beside a replica
+    assert [m["id"] for m in _get_from(ns, f"{url}/v1/models")[1]["data"]] == ["remote-model"]
+    for route in ("/v1/adapters", "/admin/usage", "/metrics"):
+        status, body = _get_from(ns, url + route)
+        assert status == 403 and body["error"]["code"] == "admin_key_required", (route, body)
+    assert httpx.get(url + "/admin/usage", timeout=30).status_code == 403  # from the host's side too
 
 
 def _get_from(netns: str, url: str, key: str | None = None) -> tuple[int, dict]:

@@ -135,10 +135,9 @@ def engine_spec_in_local_ray(args: argparse.Namespace) -> EngineSpec:
     """A Ray instance of this machine's own, and the engine arguments the command line gives."""
     import ray
 
+    from cluster.local import serve_env
     from cluster.model_cache import resolve_model_path
     from cluster.resources import cluster_has_gpus
-
-    from cluster.local import serve_env
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.update(serve_env(own_instance=True))  # Serve here runs the default HTTP ingress, as a user's does
