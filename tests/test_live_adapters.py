@@ -210,14 +210,17 @@ def test_the_registry_survives_its_own_loss_and_an_ingress_restart(server):
     while True:  # the new ingress replica and the new registry: the set comes back from storage
         try:
             answer = httpx.get(f"{server}/v1/adapters", headers=ADMIN, timeout=30)
-        except httpx.HTTPError:  # the proxy has no ingress replica for a moment
+            listed = answer.status_code == 200 and PUBLISHED in [a["id"] for a in answer.json()["data"]]
+            # HAProxy reloads as the killed replica's successor comes up: a connection in that window can be
+            # closed unanswered (docs/reliability.md), so the model is asked in the same wait.
+            if listed and {PUBLISHED, PLAIN} <= set(_adapters(server)):
+                reply = _ask(server, PUBLISHED)
+                break
+        except httpx.TransportError:  # no ingress replica for a moment, or HAProxy reloading
             answer = None
-        if answer is not None and answer.status_code == 200 and PUBLISHED in [a["id"] for a in answer.json()["data"]]:
-            break
         assert time.monotonic() < deadline, answer and answer.text
         time.sleep(0.5)
-    assert OWNER in _text(_ask(server, PUBLISHED))
-    assert {PUBLISHED, PLAIN} <= set(_adapters(server))
+    assert OWNER in _text(reply)
 
 
 @pytest.mark.parametrize("case", ["missing", "nothing", "outside", "etc", "dotdot", "escape", "bad-rank", "high-rank",
