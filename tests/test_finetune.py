@@ -163,6 +163,16 @@ def test_bad_recipes_fail_before_training(tmp_path, tiny_llama, identity_data):
 # -- packed attention -----------------------------------------------------------------------------------
 
 
+def test_cpu_workers_take_no_more_threads_than_their_share_of_the_cores():
+    from jobs.finetune.config import TrainSection
+
+    cores = len(os.sched_getaffinity(0))
+    assert TrainSection(torch_threads=64).threads_on_this_node() == min(64, cores)
+    assert TrainSection(torch_threads=2).threads_on_this_node(local_workers=cores) == 1
+    assert TrainSection(torch_threads=2).threads_on_this_node(local_workers=4 * cores) == 1  # never 0
+    assert TrainSection().threads_on_this_node(local_workers=2) is None  # unset: the worker's own default
+
+
 def test_packed_sdpa_is_each_example_alone_and_sdpa_elsewhere(tiny_llama):
     """`model.attn_implementation: packed_sdpa`: on packed rows (two rows, three examples and padding) each
     example's logits are those of the example run alone, and the gradients are sdpa's with its block mask;

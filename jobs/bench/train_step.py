@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     from jobs.finetune.model import build_model
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
+    threads = cfg.train.threads_on_this_node()
+    if threads:
+        torch.set_num_threads(threads)
     model_path = resolve_model_path(cfg.model.path)
     examples, _ = prepare_examples(cfg, model_path)
     if args.targets:

@@ -6,6 +6,8 @@ work before any worker starts.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Literal
 
@@ -134,6 +136,15 @@ class TrainSection(Strict):
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
     torch_threads: int | None = None  # CPU workers: threads per worker (default: its CPUs)
+
+    def threads_on_this_node(self, local_workers: int = 1) -> int | None:
+        """`torch_threads`, at most this node's cores shared among the run's workers on it: more threads
+        than cores make every step slower (two workers of 2 threads on 2 cores: 10.6 s a step against
+        2.6 s with one thread each)."""
+        if not self.torch_threads:
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(self.torch_threads, cores // max(1, local_workers)))
 
 
 class StrategySection(Strict):

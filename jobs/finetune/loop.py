@@ -152,8 +152,9 @@ def train_loop(loop_config: dict) -> None:
     rows: list[Example] = ray.get(loop_config["rows"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
+    threads = cfg.train.threads_on_this_node(context.get_local_world_size())
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
     if device.type == "cuda":

@@ -101,8 +101,9 @@ def compute_bases(cfg: FinetuneConfig, model_ref: str, own: list[list[int]], gen
 
     from cluster.model_cache import resolve_model_path
 
-    if cfg.train.torch_threads:  # Ray gives a task one thread per CPU it asked for; the workers set theirs too
-        torch.set_num_threads(cfg.train.torch_threads)
+    threads = cfg.train.threads_on_this_node()  # Ray gives a task one thread per CPU it asked for
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device("cuda" if on_gpu else "cpu")
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_ref),
                                                  dtype=torch.bfloat16 if on_gpu else torch.float32).to(device).eval()
