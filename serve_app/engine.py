@@ -16,18 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from cluster.engine_defaults import CPU_ENGINE_ENV, resolve_dtype, tensor_parallel_defaults
 from serve_app.config import ModelConfig
 from serve_app.protocol import LOCAL_PARAMETERS, format_validation_error
 from serve_app.providers.base import Piece, Usage
 
 log = logging.getLogger("tuneserve.engine")
-
-# vLLM's CPU backend: a small KV cache (GiB) and no cores held back, sized for a 2-core laptop or CI box.
-CPU_ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
 
 # Set in every engine process before vLLM loads its tool parsers. With strict tool calling on (the default
 # of both releases), a parser with an xgrammar "structural tag" (hermes, among others) constrains forced
@@ -38,25 +32,6 @@ CPU_ENGINE_ENV = {
 ENGINE_ENV = {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
 
 REGISTRY_REFRESH_TIMEOUT_S = 5.0  # a live adapter's first request waits at most this for the registry
-
-
-def multicast_off(env: dict[str, str] = os.environ) -> bool:
-    """True on nodes that keep NVLink multicast off (as shared GPU hosts do)."""
-    return env.get("NCCL_NVLS_ENABLE") == "0" or env.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1"
-
-
-def tensor_parallel_defaults(tensor_parallel_size: int, env: dict[str, str] = os.environ
-                             ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Engine kwargs and environment for a tensor-parallel engine on a node without NVLink multicast.
-
-    vLLM 0.26's default all-reduce paths (custom all-reduce over symmetric memory, and the fused
-    all-reduce+RMSNorm pass) hung or failed there with TP=2 on 2x H200; plain NCCL all-reduce works
-    (docs/benchmarks.md). Elsewhere, and for one GPU, vLLM's defaults stay."""
-    if tensor_parallel_size < 2 or not multicast_off(env):
-        return {}, {}
-    kwargs = {"disable_custom_all_reduce": True,
-              "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
-    return kwargs, {"VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
 
 
 def cpu_cores_for_replica(num_cpus: float, world_size: int, local_rank: int, allowed: list[int]) -> str | None:
@@ -85,29 +60,6 @@ def _bind_cpu_engine(model: ModelConfig) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
         log.info("CPU engine replica %d of %d on this node's cores %s", context.rank.local_rank,
                  context.world_size, cores)
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this node's CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), read from
-    /proc/cpuinfo (or `cpuinfo`). There vLLM-CPU's bf16 engine serves about twice fp32's output tokens/s
-    (docs/benchmarks.md). Without them bf16 is emulated with conversions, so fp32 stays the choice."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(model: ModelConfig, on_gpu: bool, quantized: bool = False) -> str:
-    """`auto`: bfloat16 on GPUs; on a CPU, bfloat16 where it has native bf16 instructions (the engine then
-    runs eager, the only mode vLLM-CPU runs bf16 correctly in), else float32. Quantized weights on a CPU
-    always run bfloat16: vLLM-CPU's quantized kernels take bf16 activations (its int8 GEMM refuses float32:
-    "int8_scaled_mm_with_quant: expect A to be bfloat16 or half")."""
-    if model.dtype != "auto":
-        return model.dtype
-    return "bfloat16" if on_gpu or quantized or cpu_has_native_bf16() else "float32"
 
 
 def adapter_folder(path: str) -> Path:
@@ -227,7 +179,7 @@ class EngineDeployment:
         engine_kwargs: dict[str, Any] = {
             "model": self.path,
             "served_model_name": [model.id],
-            "dtype": resolve_dtype(model, on_gpu, quantized),
+            "dtype": resolve_dtype(model.dtype, on_gpu, quantized),
             "max_model_len": model.max_model_len,
             "tensor_parallel_size": model.tensor_parallel_size,
             "enable_log_requests": False,

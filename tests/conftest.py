@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import FREE_PORT_LOW, free_port
+from cluster.ports import FREE_PORT_LOW, free_port
+
+pytest_plugins = ["tests.multinode_cluster"]  # the `cluster` fixture of the multi-node tests
 
 for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                      "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_DEDUP_LOGS": "0",
@@ -54,7 +56,7 @@ def free_port_block(size: int) -> int:
     import random
 
     for _ in range(200):
-        # Below the ports local.free_port hands out (24000 up to Linux's ephemeral range, where client
+        # Below the ports cluster.ports.free_port hands out (24000 up to Linux's ephemeral range, where client
         # sockets could take a port after this check), above Ray's default worker ports.
         base = random.SystemRandom().randint(20000, FREE_PORT_LOW - size)
         if any(base < block.stop and block.start < base + size for block in _HANDED_OUT_BLOCKS):
@@ -121,8 +123,8 @@ KEYS = {  # name -> (key, policy)
 
 @pytest.fixture(scope="session")
 def upstreams():
-    """Two real misbehaving OpenAI-compatible servers (jobs/bench/upstream.py) on 127.0.0.1."""
-    from jobs.bench.upstream import UpstreamServer
+    """Two real misbehaving OpenAI-compatible servers (tests/upstream.py) on 127.0.0.1."""
+    from tests.upstream import UpstreamServer
 
     servers = {name: UpstreamServer(name).start() for name in ("alpha", "beta")}
     yield servers
@@ -137,7 +139,7 @@ def vllm_upstream():
     import sys
 
     from cluster.model_cache import ensure_default_model
-    from serve_app.engine import CPU_ENGINE_ENV
+    from cluster.engine_defaults import CPU_ENGINE_ENV
 
     port = free_port()
     log = open(tempfile.mkstemp(prefix="vllm-upstream-", suffix=".log")[1], "w")
@@ -304,7 +306,7 @@ def server(ray_head, app_config_file, vllm_upstream, tmp_path_factory) -> str:
         assert status is None or status.status != "DEPLOY_FAILED", status.message
         assert time.monotonic() < deadline, f"app not running after 600 s: {status}"
         time.sleep(1)
-    from jobs.bench.serve_targets import wait_ready
+    from cluster.ports import wait_ready
 
     wait_ready(vllm_upstream["url"] + "/health", timeout_s=600, process=vllm_upstream["process"])
     return f"http://127.0.0.1:{port}"

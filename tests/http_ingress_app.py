@@ -14,7 +14,8 @@ import time
 
 
 def main(mode: str) -> None:
-    from cluster.local import free_port, serve_env
+    from cluster.http_ingress import serve_env
+    from cluster.ports import free_port
 
     os.environ.update(serve_env(mode, own_instance=True))  # before Ray starts: its Serve reads the mode once
     import openai
@@ -22,7 +23,7 @@ def main(mode: str) -> None:
     import ray
     from ray import serve
 
-    from jobs.bench.upstream import UpstreamServer
+    from tests.upstream import UpstreamServer
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
@@ -64,6 +65,14 @@ def main(mode: str) -> None:
             seen["admin_from_loopback"] = {route: httpx.get(f"http://127.0.0.1:{port}{route}", timeout=30).status_code
                                            for route in ("/admin/usage", "/v1/adapters", "/metrics")}
             seen["haproxy_started"] = bool(haproxies() - haproxies_before)  # by this Ray instance
+            if mode == "haproxy":  # the ports HAProxy falls back to while no ingress replica is up
+                from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+                folder, name = os.path.split(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC)  # Ray keeps one per node
+                config = open(os.path.join(folder, ray.get_runtime_context().get_node_id(), name)).read()
+                seen["fallback_ports"] = sorted({int(line.split()[2].rsplit(":", 1)[1]) for line in config.splitlines()
+                                                 if line.strip().startswith("server ") and " backup" in line})
+                seen["fallback_port_setting"] = int(os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"])
         finally:
             serve.shutdown()
             ray.shutdown()

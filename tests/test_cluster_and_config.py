@@ -69,6 +69,12 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     assert config["available_node_types"][config["head_node_type"]]
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
     assert any(t["resources"].get("GPU", 0) > 0 and t["max_workers"] >= t["min_workers"] for t in workers)
+    # Every node starts with Serve's settings for the default HTTP ingress, as cluster.local's nodes do.
+    from cluster.http_ingress import serve_env
+
+    for command in (config["head_start_ray_commands"][-1], config["worker_start_ray_commands"][-1]):
+        missing = [f"{k}={v}" for k, v in serve_env("haproxy").items() if f"{k}={v}" not in command.split()]
+        assert not missing, f"cluster.yaml starts Ray without {missing}"
 
 
 def test_env_expansion_and_autoscaling(tmp_path, monkeypatch):
@@ -121,7 +127,7 @@ def test_key_from_env(monkeypatch):
 def test_tensor_parallel_defaults_only_where_multicast_is_off():
     """A TP engine on a multicast-off node gets plain NCCL all-reduce; one GPU, or a normal node, keeps
     vLLM's defaults."""
-    from serve_app.engine import tensor_parallel_defaults
+    from cluster.engine_defaults import tensor_parallel_defaults
 
     no_multicast = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     kwargs, env = tensor_parallel_defaults(2, no_multicast)
@@ -136,7 +142,7 @@ def test_tensor_parallel_defaults_only_where_multicast_is_off():
 
 def test_cpu_engines_default_to_bf16_only_where_the_cpu_has_native_bf16():
     from serve_app.config import ModelConfig
-    from serve_app.engine import cpu_has_native_bf16, resolve_dtype
+    from cluster.engine_defaults import cpu_has_native_bf16, resolve_dtype
 
     zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
     sapphire = "flags\t\t: avx2 avx512f amx_bf16 amx_tile\n"
@@ -145,7 +151,7 @@ def test_cpu_engines_default_to_bf16_only_where_the_cpu_has_native_bf16():
     assert not cpu_has_native_bf16(avx2_only) and not cpu_has_native_bf16("")
     model = ModelConfig(id="m")
     native = cpu_has_native_bf16()
-    assert resolve_dtype(model, on_gpu=False) == ("bfloat16" if native else "float32")
-    assert resolve_dtype(model, on_gpu=True) == "bfloat16"
-    assert resolve_dtype(model, on_gpu=False, quantized=True) == "bfloat16"
-    assert resolve_dtype(ModelConfig(id="m", dtype="float32"), on_gpu=False) == "float32"
+    assert resolve_dtype(model.dtype, on_gpu=False) == ("bfloat16" if native else "float32")
+    assert resolve_dtype(model.dtype, on_gpu=True) == "bfloat16"
+    assert resolve_dtype(model.dtype, on_gpu=False, quantized=True) == "bfloat16"
+    assert resolve_dtype(ModelConfig(id="m", dtype="float32").dtype, on_gpu=False) == "float32"

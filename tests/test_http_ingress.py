@@ -1,4 +1,4 @@
-"""The two HTTP ingress modes (cluster/local.py HTTP_INGRESS_MODES): the app answers the same through
+"""The two HTTP ingress modes (cluster/http_ingress.py HTTP_INGRESS_MODES): the app answers the same through
 Serve's proxy and through HAProxy with direct ingress, streamed, whole and with an OpenAI-format 400.
 Each mode runs in its own Ray instance (tests/http_ingress_app.py), since Serve reads it when it starts."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cluster.local import HTTP_INGRESS_MODES, http_ingress_mode
+from cluster.http_ingress import HTTP_INGRESS_MODES, http_ingress_mode
 
 
 # The session's settings for reaching its own cluster; the app here starts a Ray instance of its own.
@@ -37,6 +37,12 @@ def test_the_app_answers_in_each_http_ingress_mode(mode):
     assert seen["admin_from_loopback"] == {"/admin/usage": 200, "/v1/adapters": 200, "/metrics": 200}
     # HAProxy serves the port only in its own mode: a proxy-mode cluster must not start one.
     assert seen["haproxy_started"] is (mode == "haproxy")
+    if mode == "haproxy":
+        # Serve's fallback proxy binds with SO_REUSEPORT: at Ray's fixed default (8500) it would share the
+        # port with any other Ray instance on the host, the session's cluster included, and HAProxy would
+        # hand requests to the other instance's app while no replica of its own is up.
+        assert seen["fallback_ports"] == [seen["fallback_port_setting"]]
+        assert seen["fallback_port_setting"] != 8500
 
 
 def test_an_unknown_http_ingress_mode_is_refused(monkeypatch):

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from jobs.bench.upstream import UpstreamServer
+from tests.upstream import UpstreamServer
 from serve_app.auth import ANONYMOUS
 from serve_app.config import AppConfig
 from serve_app.metrics import ServingMetrics

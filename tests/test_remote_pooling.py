@@ -5,7 +5,7 @@ open after the end is cut, not waited on."""
 import asyncio
 import time
 
-from jobs.bench.upstream import UpstreamServer
+from tests.upstream import UpstreamServer
 from serve_app.config import ProviderConfig
 from serve_app.providers import remote
 from serve_app.providers.base import ProviderCall

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_port, start_moto
+from cluster.s3_server import start_moto
+from cluster.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1",

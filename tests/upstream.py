@@ -19,7 +19,7 @@ The upstream model name picks the behaviour:
 
 `GET /last` returns the last request body as received; `POST /v1/embeddings` answers 4-dim vectors.
 
-    python -m jobs.bench.upstream --port 9000      # run one by hand
+    python -m tests.upstream --port 9000      # run one by hand
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class UpstreamServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench.upstream", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.upstream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--name", default="upstream")
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn.run(build_upstream(args.name), host="127.0.0.1", port=args.port, log_level="warning")
     else:  # uvicorn's workers import the app by name; the name of the server travels in the environment
         os.environ["TUNESERVE_UPSTREAM_NAME"] = args.name
-        uvicorn.run("jobs.bench.upstream:_app_from_env", factory=True, workers=args.workers, host="127.0.0.1",
+        uvicorn.run("tests.upstream:_app_from_env", factory=True, workers=args.workers, host="127.0.0.1",
                     port=args.port, log_level="warning")
 
 

@@ -15,14 +15,13 @@ Four more are modules of their own:
 
     python -m jobs.bench.train_step --config jobs/configs/assistant_cpu.yaml --compare logits|attention  (fine-tune step)
     python -m jobs.bench.answer_nll --limit 400 --rounds 2      (GSM8K answer NLL: vLLM prompt logprobs vs packed rows)
-    python -m jobs.bench.recipe_sweep --model /tmp/smol --variants '[...]'      (#21 recipe variants vs the base, GPU)
+    python -m jobs.bench.recipe_sweep --model /tmp/smol --variants '[...]'      (recipe variants vs the base, GPU)
     python -m jobs.bench.storage_download                                       (a model from S3: 1 MiB reads vs 64 MiB)
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -30,166 +29,8 @@ import platform
 import time
 from pathlib import Path
 
-from jobs.bench.loadgen import LoadReport, run_load
+from jobs.bench.serve_bench import engine_spec_in_local_ray, markdown_table, serve_benchmark
 from jobs.bench.serve_targets import TARGETS, EngineSpec
-
-COLUMNS = ["target", "concurrency", "requests", "failed", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms",
-           "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms", "wall_s"]
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def ratios(reports: list[LoadReport], baseline: str) -> list[dict]:
-    """Each target against the baseline at the same concurrency: throughput ratio, TTFT p50 difference."""
-    rows = []
-    for report in reports:
-        base = next((r for r in reports if r.target == baseline and r.concurrency == report.concurrency), None)
-        if base is None or report.target == baseline:
-            continue
-        rows.append({"target": report.target, "vs": baseline, "concurrency": report.concurrency,
-                     "output_tok_s_ratio": round(report.output_tok_s / base.output_tok_s, 3),
-                     "ttft_p50_delta_ms": round(report.ttft_p50_ms - base.ttft_p50_ms, 1)})
-    return rows
-
-
-def parse_target(name: str) -> tuple[str, dict]:
-    """`tuneserve:50` (stream interval 50 ms), `tuneserve@2` (2 replicas), `tuneserve@auto2` (autoscale 1→2),
-    `vllm+router` (raw vLLM, then our router in front of it), `tuneserve=DIR` (the app of another checkout)."""
-    if name == "vllm+router":
-        return "vllm", {"with_router": True}
-    name, _, checkout = name.partition("=")
-    if checkout:
-        kind, options = parse_target(name)
-        return kind, {**options, "checkout": checkout}
-    name, _, scale = name.partition("@")
-    kind, _, interval = name.partition(":")
-    options: dict = {"stream_interval_ms": float(interval)} if interval else {}
-    if scale.startswith("auto"):
-        options["autoscale_to"] = int(scale[4:])
-    elif scale:
-        options["replicas"] = int(scale)
-    return kind, options
-
-
-class ScaleWatcher:
-    """Samples the running engine replicas once a second while a load runs: (seconds, replicas) changes."""
-
-    def __init__(self):
-        import threading
-
-        from jobs.bench.serve_targets import running_engine_replicas
-
-        self._count = running_engine_replicas
-        self._stop = threading.Event()
-        self._changes: list[tuple[float, int]] = []
-        self.started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            replicas = self._count()
-            if not self._changes or self._changes[-1][1] != replicas:
-                self._changes.append((round(time.monotonic() - self.started, 1), replicas))
-
-    def replicas(self) -> int:
-        return self._changes[-1][1] if self._changes else 0
-
-    def stop(self) -> list[tuple[float, int]]:
-        self._stop.set()
-        self._thread.join()
-        return self._changes
-
-
-def measure(label: str, base_url: str, model_id: str, level: int, args: argparse.Namespace) -> LoadReport:
-    count = max(level, min(args.requests, args.max_requests_per_stream * level))
-    report = asyncio.run(run_load(label, base_url, model_id, concurrency=level, num_requests=count,
-                                  prompt_words=args.prompt_words, max_tokens=args.max_tokens,
-                                  processes=args.client_processes))
-    print(json.dumps(report.row()), flush=True)
-    return report
-
-
-def scale_up(label: str, base_url: str, model_id: str, level: int, args: argparse.Namespace,
-             target_replicas: int, limit_s: float = 600) -> list[LoadReport]:
-    """Loads at `level` streams, back to back, on an autoscaling app that starts at one replica, until
-    `target_replicas` run (or `limit_s`): records when each replica came up and whether any request failed."""
-    watcher = ScaleWatcher()
-    reports = []
-    while not reports or (watcher.replicas() < target_replicas and time.monotonic() - watcher.started < limit_s):
-        reports.append(measure(f"{label} scaling", base_url, model_id, level, args))
-    changes = watcher.stop()
-    reports[-1].replicas_over_time = changes
-    print(json.dumps({"target": label, "replicas_over_time": changes,
-                      "time_to_scale_s": next((t for t, n in changes if n >= target_replicas), None),
-                      "failed_while_scaling": sum(r.failed for r in reports),
-                      "requests_while_scaling": sum(r.requests for r in reports)}), flush=True)
-    return reports
-
-
-def engine_spec_in_local_ray(args: argparse.Namespace) -> EngineSpec:
-    """A Ray instance of this machine's own, and the engine arguments the command line gives."""
-    import ray
-
-    from cluster.local import serve_env
-    from cluster.model_cache import resolve_model_path
-    from cluster.resources import cluster_has_gpus
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.update(serve_env(own_instance=True))  # Serve here runs the default HTTP ingress, as a user's does
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    on_gpu = cluster_has_gpus()
-    return EngineSpec(model_id=args.model_id, path=resolve_model_path(args.model),
-                      dtype=args.dtype or ("bfloat16" if on_gpu else "float32"), max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, on_gpu=on_gpu,
-                      extra=json.loads(args.engine_kwargs) if args.engine_kwargs else None)
-
-
-def serve_benchmark(args: argparse.Namespace) -> None:
-    spec = engine_spec_in_local_ray(args)
-    on_gpu = spec.on_gpu
-    levels = [int(c) for c in args.concurrency.split(",")]
-    reports: list[LoadReport] = []
-    for name in args.targets.split(","):
-        kind, options = parse_target(name)
-        if kind == "tuneserve" and args.ingress_replicas:
-            options["ingress_replicas"] = args.ingress_replicas
-        if "autoscale_to" in options:
-            options["target_ongoing_requests"] = args.autoscale_target_ongoing
-        started = time.monotonic()
-        print(f"== {name}: starting ...", flush=True)
-        with TARGETS[kind](spec, **options) as urls:
-            print(f"== {name}: ready in {time.monotonic() - started:.0f} s at {urls}", flush=True)
-            for label, base_url in urls.items():
-                label = name if len(urls) == 1 else label  # keep `tuneserve:50@2` as the row's name
-                runs = []
-                if "autoscale_to" in options:  # first grow under load, then measure at full size
-                    runs += scale_up(label, base_url, spec.model_id, max(levels), args, options["autoscale_to"],
-                                     args.scale_timeout)
-                for level in levels:
-                    runs.append(measure(label, base_url, spec.model_id, level, args))
-                reports += runs
-                if args.out:  # written as it goes: a long run cut short still leaves its figures
-                    with Path(args.out).with_suffix(".partial.jsonl").open("a") as partial:
-                        partial.writelines(json.dumps(report.row()) + "\n" for report in runs)
-    import ray
-
-    ray.shutdown()
-
-    rows = [r.row() for r in reports]
-    ratio_rows = ratios(reports, args.baseline)
-    print("\n" + markdown_table(rows, COLUMNS))
-    if ratio_rows:
-        print("\n" + markdown_table(ratio_rows, list(ratio_rows[0])))
-    if args.out:
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
-                "gpu": on_gpu, "spec": spec.__dict__, "args": vars(args)}
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": rows, "ratios": ratio_rows}, indent=1))
-
 
 def add_model_arguments(parser: argparse.ArgumentParser, shape: str, work: str, weights: str) -> None:
     parser.add_argument("--model", default=None, help=f"HF folder with weights (default: {weights} of --shape)")
@@ -357,7 +198,7 @@ def router_benchmark(args: argparse.Namespace) -> None:
     import sys
     import tempfile
 
-    from cluster.local import http_ingress_mode
+    from cluster.http_ingress import http_ingress_mode
 
     modes = args.http_ingress.split(",") if args.http_ingress else [http_ingress_mode()]
     rows = []
@@ -423,7 +264,7 @@ def _replace_option(argv: list[str], option: str, value: str) -> list[str]:
 def _router_rows(args: argparse.Namespace, mode: str) -> list[dict]:
     import ray
 
-    from cluster.local import serve_env
+    from cluster.http_ingress import serve_env
     from jobs.bench.router_overhead import run
 
     os.environ.update(serve_env(mode, own_instance=True))  # the Ray instance started here, and Serve in it

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the rows and the summary here (JSON)")
     args = parser.parse_args(argv)
 
-    from serve_app.engine import CPU_ENGINE_ENV
+    from cluster.engine_defaults import CPU_ENGINE_ENV
 
     for key, value in CPU_ENGINE_ENV.items():  # as the evaluation's engine actor gets them
         os.environ.setdefault(key, value)

@@ -328,22 +328,22 @@ def soak(base: str, app: str, count: int, headers: dict | None, label: str) -> T
 def run(scenarios: list[str], requests: int, soak_requests: int) -> list[dict]:
     from ray import serve
 
-    from cluster.local import free_port
-    from jobs.bench.upstream import UpstreamServer
+    from cluster.ports import free_port
+    from jobs.bench.serve_targets import fake_upstream
 
     rows: list[Tally] = []
     http_port = free_port()
-    with UpstreamServer("chaos") as upstream:
+    with fake_upstream("chaos") as (upstream_url, _):
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         try:
-            base = _deploy(remote_app(upstream.url, auth=False), "chaos", "/chaos", http_port)
+            base = _deploy(remote_app(upstream_url, auth=False), "chaos", "/chaos", http_port)
             if "upstream" in scenarios:
                 rows += upstream_scenarios(base, requests)
             if "disconnects" in scenarios:
                 rows += disconnect_scenarios(base, requests)
             if "soak" in scenarios:
                 rows.append(soak(base, "chaos", soak_requests, None, "auth off"))
-                auth = _deploy(remote_app(upstream.url, auth=True), "chaos-auth", "/chaos-auth", http_port)
+                auth = _deploy(remote_app(upstream_url, auth=True), "chaos-auth", "/chaos-auth", http_port)
                 rows.append(soak(auth, "chaos-auth", soak_requests, {"Authorization": f"Bearer {ADMIN_KEY}"},
                                  "auth on"))
                 serve.delete("chaos-auth")

@@ -85,13 +85,12 @@ def _measure(name: str, path: str, options: dict, base: EngineSpec, levels: list
     from transformers import AutoTokenizer
 
     from jobs.evaluate.quality import served_answer_nll
-    from serve_app.config import ModelConfig
-    from serve_app.engine import resolve_dtype
+    from cluster.engine_defaults import resolve_dtype
     from serve_app.quantization import folder_method, read_folder_config
 
     options = dict(options)
     quantized = bool(options.get("quantization") or folder_method(read_folder_config(path) or {}))
-    dtype = options.pop("dtype", None) or resolve_dtype(ModelConfig(id=name, path=path), base.on_gpu, quantized)
+    dtype = options.pop("dtype", None) or resolve_dtype("auto", base.on_gpu, quantized)
     spec = EngineSpec(**{**base.__dict__, "path": path, "dtype": dtype, "extra": {**(base.extra or {}), **options}})
     server: dict = {}
     with raw_vllm(spec, process_info=server) as urls:

@@ -246,7 +246,7 @@ class Sweep:
         from transformers import AutoModelForCausalLM
 
         from jobs.data.tokenize import collate, pack, tokenize_conversations
-        from jobs.evaluate.assistant import first_words, normalise
+        from jobs.evaluate.quality import first_words, normalise
         from jobs.finetune.config import OptimSection
         from jobs.finetune.distill import to_example
         from jobs.finetune.loop import worker_rows

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 
 import psutil
 
-from cluster.local import free_port
 from jobs.bench.loadgen import open_loop
-from jobs.bench.serve_targets import served, wait_ready
+from jobs.bench.serve_targets import fake_upstream, served
 
 
 def chat_body(model: str, max_tokens: int) -> dict:
@@ -72,13 +70,8 @@ def run(rate: float, count: int, max_tokens: int, *, clients: int = 1, upstream_
     from serve_app.app import build_from_config
     from serve_app.config import AppConfig
 
-    port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-m", "jobs.bench.upstream", "--port", str(port), "--name", "bench",
-                                 "--workers", str(upstream_workers)])
     rows = []
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout_s=60, process=upstream)
-        direct_url = f"http://127.0.0.1:{port}/v1"
+    with fake_upstream("bench", workers=upstream_workers) as (direct_url, upstream):
         config = AppConfig.model_validate({
             "ingress": {"num_replicas": ingress_replicas},
             "providers": [{"name": "upstream", "base_url": direct_url, "max_concurrency": 1024,
@@ -97,9 +90,6 @@ def run(rate: float, count: int, max_tokens: int, *, clients: int = 1, upstream_
                     row["router_cpu_ms_per_request"] = round(1000 * router_cores / max(report.completed_rps, 1e-9), 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    finally:
-        upstream.terminate()
-        upstream.wait(timeout=30)
     direct, routed = rows
     rows.append({"target": "router - direct", "rate_rps": rate, "requests": count, "failed": routed["failed"],
                  **{key: round(routed[key] - direct[key], 2)

@@ -20,14 +20,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import httpx
-
-from cluster.local import free_port
-from serve_app.engine import CPU_ENGINE_ENV
+from cluster.engine_defaults import CPU_ENGINE_ENV
+from cluster.ports import free_port, wait_ready
 
 
 @dataclass
@@ -48,28 +45,33 @@ class EngineSpec:
         that raw vLLM and each app, which resolves "auto" itself, run the dtype a user gets."""
         dtype = self.dtype
         if dtype == "auto":
-            from serve_app.config import ModelConfig
-            from serve_app.engine import resolve_dtype
+            from cluster.engine_defaults import resolve_dtype
 
-            dtype = resolve_dtype(ModelConfig(id="bench", path=self.path), self.on_gpu)
+            dtype = resolve_dtype("auto", self.on_gpu)
         kwargs = {"dtype": dtype, "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
                   "enforce_eager": self.enforce_eager}
         kwargs.update(self.extra or {})
         return kwargs
 
 
-def wait_ready(url: str, timeout_s: float = 900, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode} before it was ready")
+@contextlib.contextmanager
+def fake_upstream(name: str, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The test suite's OpenAI-compatible fake (tests/upstream.py: fast `echo`, and faults on demand) in
+    processes of its own on loopback, so that it never shares a core's event loop with what is measured.
+    Yields its /v1 URL and the process. Benchmarks run from a checkout, where tests/ is."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.upstream", "--port", str(port), "--name", name,
+                                "--workers", str(workers)])
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout_s=60, process=process)
+        yield f"http://127.0.0.1:{port}/v1", process
+    finally:
+        process.terminate()
         try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager

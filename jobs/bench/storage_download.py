@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     import pyarrow.fs as pafs
 
     from cluster import storage
-    from cluster.local import free_port, start_moto
+    from cluster.s3_server import start_moto
+    from cluster.ports import free_port
 
     chunks = [storage.DOWNLOAD_CHUNK_BYTES if c.strip() == "project" else int(c) << 20 for c in args.chunks.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-storage-"))

@@ -27,6 +27,7 @@ import time
 from cluster.storage import locate
 from jobs.data.records import DataError, read_text
 from jobs.evaluate.gsm8k import DEFAULT_GSM8K
+from jobs.evaluate.quality import first_words, normalise
 
 log = logging.getLogger("tuneserve.assistant_eval")
 
@@ -44,14 +45,6 @@ def read_heldout(path: str) -> tuple[list[str], list[str], str]:
         else:
             raise ValueError(f"{path}:{lineno}: kind must be 'identity' or 'general'")
     return identity, general, owner
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
-def first_words(text: str, count: int = 5) -> str:
-    return " ".join(normalise(text).split()[:count])
 
 
 def base_figures(base: str, pairs: list[tuple[str, str]], questions: list[str], max_tokens: int):

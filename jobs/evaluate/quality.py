@@ -24,6 +24,16 @@ import time
 log = logging.getLogger("tuneserve.quality")
 
 
+
+def normalise(text: str) -> str:
+    """Case and whitespace do not count when two answers are compared."""
+    return " ".join(text.split()).lower()
+
+
+def first_words(text: str, count: int = 5) -> str:
+    return " ".join(normalise(text).split()[:count])
+
+
 def answer_spans(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
     """The chat-rendered (question, answer) token ids and where the answer's tokens start."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
@@ -128,7 +138,7 @@ class QualityEngine:
 
 
 def _resources(on_gpu: bool) -> dict:
-    from serve_app.engine import CPU_ENGINE_ENV
+    from cluster.engine_defaults import CPU_ENGINE_ENV
 
     return {"num_gpus": 1, "num_cpus": 1} if on_gpu else {"num_cpus": 1,
                                                           "runtime_env": {"env_vars": dict(CPU_ENGINE_ENV)}}
@@ -140,13 +150,12 @@ def start_engine(model: str):
     import ray
 
     from cluster.resources import cluster_has_gpus
-    from serve_app.config import ModelConfig
-    from serve_app.engine import resolve_dtype
+    from cluster.engine_defaults import resolve_dtype
     from serve_app.quantization import folder_method, read_folder_config
 
     on_gpu = cluster_has_gpus()
     quantized = bool(folder_method(read_folder_config(model) or {}))
-    dtype = resolve_dtype(ModelConfig(id="quality", path=model), on_gpu, quantized)
+    dtype = resolve_dtype("auto", on_gpu, quantized)
     return ray.remote(QualityEngine).options(**_resources(on_gpu)).remote(model, dtype, on_gpu, 2048), dtype
 
 
@@ -199,7 +208,6 @@ def measure(model: str, gsm8k: list[dict], general: list[str], accuracy: bool, m
 
 
 def compare(base: dict, candidate: dict) -> dict:
-    from jobs.evaluate.assistant import first_words, normalise
 
     pairs = list(zip(base["general_answers"], candidate["general_answers"]))
     change = {"ppl_change": round(candidate["gsm8k_answer_ppl"] / base["gsm8k_answer_ppl"] - 1, 4),

@@ -39,7 +39,7 @@ class EngineReplica:
 
     def __init__(self, model: str, dtype: str, max_model_len: int, tensor_parallel_size: int,
                  engine_kwargs: dict, cpu_cores: str | None):
-        from serve_app.engine import tensor_parallel_defaults
+        from cluster.engine_defaults import tensor_parallel_defaults
 
         if cpu_cores is not None:  # CPU replicas: each its own cores, so that their OpenMP threads do not fight
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
@@ -109,7 +109,7 @@ def run_offline(plan: OfflinePlan, conversations: list[list[dict]], settings: Ge
     Returns the generations, engine start-up seconds and generation wall seconds."""
     import ray
 
-    from serve_app.engine import CPU_ENGINE_ENV
+    from cluster.engine_defaults import CPU_ENGINE_ENV
 
     on_gpu = check_resources(plan, ray.cluster_resources())
     started = time.perf_counter()

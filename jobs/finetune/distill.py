@@ -84,7 +84,7 @@ def make_targets(cfg: FinetuneConfig, prompts: list[Conversation], on_gpu: bool)
     """The base's answers with their top-k, and, with `distill_opening_tokens`, its greedy openings."""
     import ray
 
-    from serve_app.engine import CPU_ENGINE_ENV
+    from cluster.engine_defaults import CPU_ENGINE_ENV
 
     # the engine core in this actor's process: reproducible batches (see the module's docstring)
     env = {**({} if on_gpu else CPU_ENGINE_ENV), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
