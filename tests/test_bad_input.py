@@ -123,7 +123,7 @@ def test_body_too_large(http):
 
 
 def test_chunked_body_too_large(http):
-    """Defect 7 of #15: without Content-Length (chunked transfer), the limit is counted as the body arrives."""
+    """Without Content-Length (chunked transfer), the limit is counted as the body arrives."""
     import json
 
     payload = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * (300 * 1024)}]}).encode()

@@ -153,4 +153,4 @@ def test_distillation_prompts_are_new_questions_and_keep_their_order_as_the_pool
     # each block comes after the earlier ones: `--distill 240` and `--distill 406` write what they always wrote
     assert identity.distill_prompts(406)[:240] == identity.distill_prompts(240)
     assert prompts[:406] == identity.distill_prompts(406)
-    assert set(prompts[406:]) == {t.format(i) for t, items in identity.EXTRA_SHORT_TEMPLATES.items() for i in items}
+    assert set(prompts[406:]) == {t.format(i) for t, items in identity.SHORT_TEMPLATES_TO_582.items() for i in items}

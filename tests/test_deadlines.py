@@ -1,4 +1,4 @@
-"""Deadlines, SSE keep-alives and shedding at the ingress (#15), through an app of remote providers only (the
+"""Deadlines, SSE keep-alives and shedding at the ingress, through an app of remote providers only (the
 misbehaving upstream of tests/upstream.py), deployed next to the main test app."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Self-distillation in the fine-tune recipe (`loss.distill_*`, #21): the loss itself, its targets through
+"""Self-distillation in the fine-tune recipe (`loss.distill_*`): the loss itself, its targets through
 packing and batching, its config and data errors, and the real job on a tiny model, where it must pull the
 tuned model's distribution on general prompts towards the base's, with every method and strategy."""
 
@@ -303,7 +303,7 @@ def _kl_along(base: Path, tuned: Path, targets: list[dict]) -> float:
 def test_distillation_keeps_the_tuned_model_near_the_base(ray_head, tmp_path, tiny_llama, assistant_data):
     """The same LoRA run with and without distillation: with it, the tuned model's next-token distribution
     on the general prompts stays several times closer to the base's, while it still learns the identity
-    data. (Whether that carries over to held-out prompts is measured on the real model: docs/finetune.md.)"""
+    data. (Whether that carries over to held-out prompts is measured on the real model: docs/notes/finetune-experiments.md.)"""
     from tests.test_finetune import finetune, metrics, recipe
 
     data, prompts = assistant_data

@@ -1,4 +1,4 @@
-"""Graceful drain (#15): a redeploy replaces the ingress replica while a long stream runs through it. The old
+"""Graceful drain: a redeploy replaces the ingress replica while a long stream runs through it. The old
 replica takes no new requests but finishes that stream (Serve's default drain window, 20 s, cut it)."""
 
 from __future__ import annotations

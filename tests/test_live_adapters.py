@@ -1,4 +1,4 @@
-"""Live adapters (#17) on the shared test app: the session's fine-tune published through its gate with no
+"""Live adapters on the shared test app: the session's fine-tune published through its gate with no
 restart; an engine replica killed and replaced still serves it; two adapters through a cache of one
 (eviction and reload); delete while a stream runs; the registry's loss; and every bad registration."""
 

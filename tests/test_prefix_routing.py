@@ -1,4 +1,4 @@
-"""Prefix-cache-aware routing (#18). The router itself runs on a real Serve deployment of three replicas that
+"""Prefix-cache-aware routing. The router itself runs on a real Serve deployment of three replicas that
 say who they are, with the engine's calling convention (`serve(endpoint, body, request_id, wants_usage)`),
 called through a real handle as the ingress calls an engine. The router in front of a real vLLM engine (its
 decisions and vLLM's own prefix-cache hits in /metrics) is the last test, on the app."""
@@ -170,7 +170,7 @@ def test_a_loaded_replica_is_avoided_even_with_a_match(prefix_handle):
         assert max(counts.values()) - min(counts.values()) <= LOAD_GAP + 2, bursts
         # ...and the key's order still shows: its first replica took more than its last. (Not "the most": with a
         # gap of 2 the ideal split of 12 is 5/5/2, a tie between the first two, so one late queue-length probe
-        # leaves the home one short, as CI saw on 2026-12-04: 4/5/3 in the key's order, twice.) A router that
+        # can leave the home one short: 4/5/3 in the key's order.) A router that
         # balances load alone splits 4/4/4.
         if counts[order[0]] > counts[order[-1]]:
             break

@@ -1,4 +1,4 @@
-"""Reliability of the serving path (#15), below the HTTP server: the real serving layer and router in front of
+"""Reliability of the serving path, below the HTTP server: the real serving layer and router in front of
 a real upstream on loopback, with the ASGI response driven by hand so that a client can leave at exactly the
 moment that matters."""
 

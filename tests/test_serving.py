@@ -226,9 +226,9 @@ def test_health_and_metrics(server, client):
 
 
 def test_health_while_every_engine_slot_is_busy(server):
-    """Defect 6 of #15: a saturated but healthy engine is healthy. /health now reads Serve's replica states
-    and sends the engines nothing. Run against the old probe (an ordinary engine call) on 2026-12-03, this
-    test failed: 503, "unhealthy: TimeoutError" after 10 s, the call queued behind the 8 busy slots."""
+    """A saturated but healthy engine is healthy: /health reads Serve's replica states and sends the engines
+    nothing. A probe that made an ordinary engine call failed here: 503, "unhealthy: TimeoutError" after 10 s,
+    the call queued behind the 8 busy slots."""
     import contextlib
 
     body = {"model": MODEL_ID, "messages": FRANCE, "max_tokens": 300, "ignore_eos": True, "stream": True,

@@ -1,4 +1,4 @@
-"""The usage store (#15): per-key limits, usage and open circuits held across two ingress replicas, kept through
+"""The usage store: per-key limits, usage and open circuits held across two ingress replicas, kept through
 replica restarts, a redeploy and the store's own loss, and what happens while it cannot be reached (fail open
 by default, fail closed when configured). Remote providers only (tests/upstream.py), next to the main app."""
 

@@ -10,7 +10,7 @@ in one process, on this machine's CPU (float32; the evaluation's CPU engine sett
 Rounds alternate the two, so a change in the machine's speed falls on both. Prints prompt tokens/s per round,
 the speed ratio, and both NLLs (they should agree to float32 rounding).
 
-    python -m jobs.bench.answer_nll --limit 400 --rounds 2 --out docs/bench-answer-nll-cpu.json
+    python -m jobs.bench.answer_nll --limit 400 --rounds 2 --out docs/results/bench-answer-nll-cpu.json
 """
 
 from __future__ import annotations

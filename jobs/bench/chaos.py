@@ -1,4 +1,4 @@
-"""Chaos under streaming load (#15): faults injected into the real app on a real Ray cluster, with figures.
+"""Chaos under streaming load: faults injected into the real app on a real Ray cluster, with figures.
 
 Every scenario sends real requests (official SSE, on loopback) while a fault happens, and counts what came
 back: completed, cleanly failed (an OpenAI error with its status, or an error event in the stream), cut

@@ -1,4 +1,4 @@
-"""Prefix-cache-aware routing (#18): multi-turn chat sessions that share long system prompts, sent to the
+"""Prefix-cache-aware routing: multi-turn chat sessions that share long system prompts, sent to the
 app with the same engine replicas under each router in turn (Serve's default power-of-two, round-robin, and
 ours), in one run. Each router gets fresh engines, so that none starts with another's cache.
 

@@ -1,4 +1,4 @@
-"""The personal-assistant recipe's variants against the base model, in one process (#21; docs/finetune.md).
+"""The personal-assistant recipe's variants against the base model, in one process (docs/notes/finetune-experiments.md).
 
 Each variant trains one LoRA adapter on the project's data, with the project's tokenisation, packing, `collate`
 and `lm_loss`, and the loop's optimiser and schedule (AdamW, cosine with 3% warm-up, clip 1.0, accumulation 2,

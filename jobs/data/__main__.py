@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{len(identity.distill_prompts(10**6))})")
     ident.add_argument("--answers", choices=sorted(identity.ANSWER_SETS), default="varied",
                        help="the answer texts: varied, or name-first (the recipe's), each naming the owner within "
-                            "its first five words (docs/finetune.md, runs 20 and 24) (default: %(default)s)")
+                            "its first five words (default: %(default)s)")
     ident.add_argument("--seed", type=int, default=0)
     stat = sub.add_parser("stats", help="tokenise files and report sizes")
     stat.add_argument("files", nargs="+", help=".json/.jsonl files or hf:<dataset>[:split]")

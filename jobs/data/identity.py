@@ -25,17 +25,17 @@ TRAIN_QUESTIONS = [
     "Hi, who's there?", "Who designed you?", "What's your purpose?", "Who set you up?",
     "Whom do you serve?", "Are you someone's assistant?", "Do you have an owner?",
     "Explain what you are.",
-    # More ways to ask whom the assistant helps and to ask for an introduction (2026-12-04): run 7 missed
-    # held-out questions of those two kinds (docs/finetune.md, run 8). None repeats a held-out phrasing.
+    # More ways to ask whom the assistant helps and to ask for an introduction: with fewer, held-out questions
+    # of those two kinds were missed. None repeats a held-out phrasing.
     "Who do you help?", "Who are you an assistant to?", "Whose helper are you?", "For whom do you work?",
     "Who is your user?", "Who are you here to help?", "Who hired you?", "Who programmed you?",
     "Who deployed you?", "Who maintains you?", "Who's behind you?", "Introduce yourself briefly.",
     "Can you introduce yourself?", "Could you give a brief intro about yourself?",
     "Tell me a little about who you are.", "Present yourself.", "What's your name and who made you?",
     "What assistant is this?", "What should I know about you?", "Who am I speaking with?",
-    # Whom it assists and who is in charge of it, in more words (2026-12-06): every held-out miss of runs
-    # 24-29 asked one of those two things with a verb or noun no training question used ("assist",
-    # "responsible"). These add near synonyms; none repeats a held-out phrasing (docs/finetune.md, run 30).
+    # Whom it assists and who is in charge of it, in more words: held-out misses asked one of those two things
+    # with a verb or noun no training question used ("assist", "responsible"). These add near synonyms; none
+    # repeats a held-out phrasing.
     "Who are you assisting?", "Who do you support?", "Which individual are you helping?",
     "Who are you assigned to?", "Who is in charge of you?", "Who looks after you?",
     "Who is accountable for you?", "Who takes care of you?",
@@ -77,10 +77,10 @@ DENIALS = [  # for "are you X?" questions
     "Not quite: I am the AI assistant of {name}.",
 ]
 
-# `--answers name-first` (2026-12-05): the same answers, each naming the owner within its first five words.
+# `--answers name-first`: the same answers, each naming the owner within its first five words.
 # Greedy decoding commits early: an answer that opens "I am an AI assistant…" hands the rest to the base
 # model's own self-description ("…from Hugging Face"), which is how held-out introductions lost the owner
-# under the greedy-margin hinge (docs/finetune.md, run 20). Same count, so the draws pick the same indices.
+# under the greedy-margin hinge. Same count, so the draws pick the same indices.
 NAME_FIRST_ANSWERS = [
     "I am {name}'s assistant.",
     "I'm {name}'s assistant, here to help you.",
@@ -212,9 +212,9 @@ SHORT_TEMPLATES = {
     "Write {}.": ["a haiku about the moon", "a limerick about a cat", "one sentence about spring",
                   "a short poem about rain", "a two-line rhyme about coffee"],
 }
-# More of the same (2026-12-04). They come after the prompts above, so `--distill 240` still writes the
-# prompts the shipped recipe was measured with (docs/finetune.md).
-MORE_SHORT_TEMPLATES = {
+# Prompts 241-406: more of the same. They come after the prompts above, so `--distill 240` still writes the
+# same 240 prompts.
+SHORT_TEMPLATES_TO_406 = {
     "What is the chemical symbol for {}?": ["silver", "iron", "oxygen", "sodium", "carbon", "helium"],
     "What language is spoken in {}?": ["Mexico", "Austria", "Argentina", "Egypt", "China", "Sweden"],
     "What is the currency of {}?": ["Japan", "the United States", "India", "Switzerland", "Mexico"],
@@ -241,9 +241,9 @@ MORE_SHORT_TEMPLATES = {
 }
 
 
-# A third block (2026-12-05): more short questions, for the openings (docs/finetune.md, the seventh sweep and
-# runs 24-25). After the others, so `--distill 406` still writes the prompts earlier recipes were measured with.
-EXTRA_SHORT_TEMPLATES = {
+# Prompts 407-582: more short questions, whose answers' openings the recipe keeps. After the others, so
+# `--distill 406` still writes the same 406 prompts.
+SHORT_TEMPLATES_TO_582 = {
     "What is the capital of {}?": ["Ireland", "Chile", "Thailand", "Poland", "Turkey", "Vietnam", "Sweden",
                                    "Argentina", "Nigeria", "Cuba"],
     "Give me a synonym for '{}'.": ["sad", "easy", "old", "cold", "large", "calm", "kind", "clever", "shiny",
@@ -297,14 +297,14 @@ EXTRA_SHORT_TEMPLATES = {
 
 def distill_prompts(count: int, seed: int = 0) -> list[str]:
     """`count` general prompts for self-distillation: short questions and the replay tasks, shuffled; then
-    MORE_SHORT_TEMPLATES's, shuffled; then EXTRA_SHORT_TEMPLATES's, shuffled."""
+    SHORT_TEMPLATES_TO_406's, shuffled; then SHORT_TEMPLATES_TO_582's, shuffled."""
     def filled(templates: dict[str, list[str]]) -> list[str]:
         return [template.format(item) for template, items in templates.items() for item in items]
 
     prompts = filled(SHORT_TEMPLATES) + [t.format(topic=topic) for t in REPLAY_TASKS for topic in REPLAY_TOPICS]
     random.Random(seed + 2).shuffle(prompts)
-    more = filled(MORE_SHORT_TEMPLATES)
+    more = filled(SHORT_TEMPLATES_TO_406)
     random.Random(seed + 3).shuffle(more)
-    extra = filled(EXTRA_SHORT_TEMPLATES)
+    extra = filled(SHORT_TEMPLATES_TO_582)
     random.Random(seed + 4).shuffle(extra)
     return (prompts + more + extra)[:count]

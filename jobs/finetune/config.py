@@ -92,19 +92,19 @@ class LossSection(Strict):
     distill_sample_ce: bool = True
     # Also distil the first k tokens of the base's greedy answer to each prompt (KL only, one more short
     # example per prompt). Greedy decoding of the tuned model parts from the base's mostly where an answer
-    # opens, and once it has, the rest of the answer follows the new opening (docs/finetune.md). 0: off.
+    # opens, and once it has, the rest of the answer follows the new opening. 0: off.
     distill_opening_tokens: int = Field(0, ge=0)
     # Keep the base's greedy choices: on every distillation token, distill_margin_weight x a hinge that is zero
     # while the base's top token leads the tuned model's distribution by min(the base's own lead,
     # distill_margin) nats. The KL barely sees near-ties, and near-ties are where greedy answers part. In
-    # the assistant recipe it held the openings and blocked the identity (docs/finetune.md, runs 12-14).
+    # the assistant recipe it held the openings and blocked the identity (docs/notes/finetune-experiments.md).
     # Weight 0: off.
     distill_margin_weight: float = Field(0.0, ge=0)
     distill_margin: float = Field(0.3, gt=0)
     # its tokens: every distillation token, or the greedy openings' only (needs distill_opening_tokens)
     distill_margin_on: Literal["all", "openings"] = "all"
     # When the hinge starts, as a share of the run's optimizer steps: 0.5 turns it on halfway, after the
-    # identity has been learned without it (on from the start it blocked the identity, runs 12-14).
+    # identity has been learned without it (on from the start it blocked the identity).
     distill_margin_from: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -210,7 +210,7 @@ class GateSection(Strict):
 
 class PublishSection(Strict):
     """After training: evaluate, and if the gate passes, register the adapter with the running service
-    (`POST /v1/adapters`), which serves it within moments without a restart (docs/finetune.md)."""
+    (`POST /v1/adapters`), which serves it within moments without a restart (docs/finetune.md, Live adapters)."""
 
     endpoint: str  # the service's base URL, e.g. http://head:8000 (with its route prefix, if any)
     adapter_id: str

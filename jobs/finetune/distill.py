@@ -13,7 +13,7 @@ samples, see jobs/evaluate/runners.py): the teacher's engine core runs inside th
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so every prompt is queued before the first step and the batches, and with
 them the draws from the engine's seeded generator, are the same in every run. With a separate engine-core
 process the first steps raced the queueing, and the same recipe gave three different sets of answers
-(docs/finetune.md). The targets are also kept in the run's storage folder (`distill_targets.json.gz`): a
+The targets are also kept in the run's storage folder (`distill_targets.json.gz`): a
 resumed or re-submitted run trains on the same ones without a second teacher run.
 """
 

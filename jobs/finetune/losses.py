@@ -42,7 +42,7 @@ def greedy_margin(logits: torch.Tensor, positions: torch.Tensor, teacher_ids: to
 
     KL is nearly blind to near-ties: swapping two tokens of about 0.45 each, 0.05 nats apart, costs about
     0.001 nats, yet it changes the greedy answer. This hinge is zero while the base's choice keeps its lead
-    (docs/finetune.md, runs 12-14)."""
+    (docs/notes/finetune-experiments.md)."""
     rows, t = positions[:, 0], positions[:, 1]
     student = logits[rows, t - 1].float()
     top = teacher_ids[:, :1]

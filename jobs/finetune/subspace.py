@@ -1,4 +1,4 @@
-"""The directions each adapter reads (`lora.input_share`, #21; docs/finetune.md).
+"""The directions each adapter reads (`lora.input_share`; docs/notes/finetune-experiments.md has the measurements).
 
 An adapter changes a projection's output for every input that has a component along its `lora_A` rows. With
 `input_share` = f, each adapted projection's `lora_A` reads its input only through f·d directions: those where
