@@ -88,7 +88,7 @@ def token_path() -> Path:
 
 def admin_key_path() -> Path:
     """The cluster's admin API key: made by `up` (or taken from TUNESERVE_ADMIN_KEY), given to every node, so
-    that app configs naming `env: TUNESERVE_ADMIN_KEY` (serve_app/configs/cluster.yaml) can use it."""
+    that app configs naming `env: TUNESERVE_ADMIN_KEY` (serve_app/configs/cluster-app.yaml) can use it."""
     return ray_dir() / "admin_key"
 
 

@@ -19,7 +19,7 @@ from serve_app.config import (DEFAULT_CONFIG, HEAD_NODE_RESOURCE, AppConfig, Mod
 from cluster.engine_defaults import CPU_ENGINE_ENV
 from serve_app.engine import ENGINE_ENV, EngineDeployment
 from serve_app.ingress import Ingress
-from serve_app.routing import request_router_config
+from serve_app.replica_router import request_router_config
 
 log = logging.getLogger("tuneserve.app")
 INGRESS_HEADROOM = 64  # Serve slots above the guard's limit: /health, /metrics, and the guard's own 503s
@@ -105,7 +105,7 @@ def _check_adapter_config(adapter_id: str, path: str) -> None:
     import json
 
     from cluster.storage import StorageError, is_uri, locate
-    from serve_app.adapters import adapter_rank
+    from serve_app.lora_registry import adapter_rank
 
     try:
         text = (locate(path).join("adapter_config.json").read_text() if is_uri(path)
@@ -123,23 +123,23 @@ def check_engine_settings(config: AppConfig) -> None:
     nearest valid name) and tool or reasoning parsers this vLLM does not have."""
     import difflib
 
-    from serve_app import vllm_adapter
+    from serve_app import vllm_compat
 
-    arguments = vllm_adapter.engine_argument_names()
-    parsers = {"tool_parser": vllm_adapter.tool_parser_names(),
-               "reasoning_parser": vllm_adapter.reasoning_parser_names()}
+    arguments = vllm_compat.engine_argument_names()
+    parsers = {"tool_parser": vllm_compat.tool_parser_names(),
+               "reasoning_parser": vllm_compat.reasoning_parser_names()}
     for model in config.models:
         for key in model.engine_kwargs:
             if key not in arguments:
                 nearest = difflib.get_close_matches(key, arguments, n=1)
                 hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
                 raise ValueError(f"model {model.id}: engine_kwargs.{key} is not an engine argument of vLLM "
-                                 f"{vllm_adapter.VERSION}{hint}")
+                                 f"{vllm_compat.VERSION}{hint}")
         for setting, known in parsers.items():
             name = getattr(model, setting)
             if name is not None and known is not None and name not in known:
                 nearest = difflib.get_close_matches(name, known, n=3)
-                raise ValueError(f"model {model.id}: {setting} '{name}' is not one of vLLM {vllm_adapter.VERSION}'s"
+                raise ValueError(f"model {model.id}: {setting} '{name}' is not one of vLLM {vllm_compat.VERSION}'s"
                                  f" parsers{' (nearest: ' + ', '.join(nearest) + ')' if nearest else ''}")
 
 

@@ -83,7 +83,7 @@ class AdapterConfig(_Strict):
 
 class LiveAdapters(_Strict):
     """LoRA adapters registered while the service runs (`POST /v1/adapters`, or a fine-tune's publish step),
-    loaded by each engine replica when a request first needs one (serve_app/adapters.py). Off unless set
+    loaded by each engine replica when a request first needs one (serve_app/lora_registry.py). Off unless set
     (the shipped configs set it): with LoRA on, vLLM builds LoRA layers and buffers for `max_loras` adapters
     of `max_rank`, memory and work that an engine of the base model alone does not spend."""
 
@@ -134,7 +134,7 @@ class ModelConfig(_Strict):
     # in the parser's format, so they work with any model. None turns tool calling off for the model.
     tool_parser: str | None = "hermes"
     reasoning_parser: str | None = None
-    # How requests are spread over the model's engine replicas (serve_app/routing.py). prefix: a
+    # How requests are spread over the model's engine replicas (serve_app/replica_router.py). prefix: a
     # conversation (or an x-session-id) keeps to one replica, where vLLM's prefix cache holds its earlier
     # turns, unless that replica has more than `routing_load_gap` requests beyond the least loaded one.
     # power_of_two: Serve's default (two random replicas, the less loaded). round_robin: in turn.
@@ -329,7 +329,7 @@ class IngressConfig(_Strict):
 
 class AdapterRegistryConfig(_Strict):
     """Where the live adapters' registry is kept: one Ray actor per app, which saves every change to
-    `<path>/<app>/registry.json` before it answers (serve_app/adapters.py)."""
+    `<path>/<app>/registry.json` before it answers (serve_app/lora_registry.py)."""
 
     # A storage path: relative to TUNESERVE_STORAGE, or a URI. None: the actor's memory only.
     path: str | None = "runs/adapters"

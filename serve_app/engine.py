@@ -3,7 +3,7 @@
 Each replica runs what `vllm serve` runs (chat, completions, responses, embeddings; tools, tool parsers,
 structured outputs) on its AsyncLLM, and streams the OpenAI chunks to the ingress a few steps at a time.
 Built on vLLM directly rather than ray.serve.llm, so that a Ray release is never tied to a vLLM release.
-Only this module and serve_app/vllm_adapter.py import vLLM; only the adapter knows vLLM's versions.
+Only this module and serve_app/vllm_compat.py import vLLM; only the adapter knows vLLM's versions.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def lora_settings(model: ModelConfig) -> dict[str, Any]:
     live = model.live_adapters.enabled and model.task == "generate"
     if not model.adapters and not live:
         return {}
-    from serve_app.adapters import adapter_rank
+    from serve_app.lora_registry import adapter_rank
 
     ranks = [adapter_rank(json.loads((adapter_folder(a.path) / "adapter_config.json").read_text()), a.path)
              for a in model.adapters]
@@ -169,7 +169,7 @@ class EngineDeployment:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from cluster.model_cache import resolve_model_path
-        from serve_app import quantization, vllm_adapter
+        from serve_app import quantization, vllm_compat
 
         self.config = model
         self.path = resolve_model_path(model.path)
@@ -188,10 +188,10 @@ class EngineDeployment:
             engine_kwargs.update(runner="pooling", convert="embed")
         if model.reasoning_parser:
             engine_kwargs["reasoning_parser"] = model.reasoning_parser
-        lora_modules = [vllm_adapter.lora_module(a.id, str(adapter_folder(a.path))) for a in model.adapters]
+        lora_modules = [vllm_compat.lora_module(a.id, str(adapter_folder(a.path))) for a in model.adapters]
         if model.task == "generate":
             # On by default in both releases on GPU and on the CPU backend (but for MLA models on CPU, which
-            # vLLM turns it off for); said here so that prefix routing (serve_app/routing.py) can count on it.
+            # vLLM turns it off for); said here so that prefix routing (serve_app/replica_router.py) can count on it.
             engine_kwargs["enable_prefix_caching"] = True
         engine_kwargs.update(lora_settings(model))
         engine_kwargs.update(quantization.engine_arguments(model.quantization))
@@ -199,7 +199,7 @@ class EngineDeployment:
             engine_kwargs["enforce_eager"] = True  # vLLM-CPU runs bf16 correctly only in eager mode
         engine_kwargs.update(tp_kwargs)
         engine_kwargs.update(model.engine_kwargs)  # the user's own settings win
-        engine_kwargs["structured_outputs_config"] = vllm_adapter.structured_outputs_config(
+        engine_kwargs["structured_outputs_config"] = vllm_compat.structured_outputs_config(
             engine_kwargs.get("structured_outputs_config"))
         started = time.monotonic()
         engine_args = AsyncEngineArgs(**engine_kwargs)
@@ -207,22 +207,22 @@ class EngineDeployment:
         # (ENGINE_CONTEXT) leaves max_num_batched_tokens at 2048 where `vllm serve` uses 8192 on an
         # H100, which queued prefills and added ~150 ms TTFT at 64 streams (docs/benchmarks.md).
         self.engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
-                                                stat_loggers=vllm_adapter.ray_stat_loggers())
-        args = vllm_adapter.serve_args(engine_args, {
+                                                stat_loggers=vllm_compat.ray_stat_loggers())
+        args = vllm_compat.serve_args(engine_args, {
             "lora_modules": lora_modules or None,
             "enable_auto_tool_choice": model.tool_parser is not None and model.task == "generate",
             "tool_call_parser": model.tool_parser if model.task == "generate" else None,
         })
-        self.state, self.tasks = await vllm_adapter.build_serving(self.engine, args)
-        self.adapter = vllm_adapter
-        self.validators = vllm_adapter.request_models()
+        self.state, self.tasks = await vllm_compat.build_serving(self.engine, args)
+        self.adapter = vllm_compat
+        self.validators = vllm_compat.request_models()
         self.load_adapter = None
         self.adapter_lock = asyncio.Lock()  # one adapter load or unload at a time: vLLM's names are per id
         if model.live_adapters.enabled and model.task == "generate":
             self._start_live_adapters(registry_path, state_on_head)
         log.info("engine for %s ready in %.1fs (%s, vLLM %s, tasks %s, prefix caching %s)", model.id,
-                 time.monotonic() - started, engine_kwargs["dtype"], vllm_adapter.VERSION, ",".join(self.tasks),
-                 vllm_adapter.prefix_caching(self.engine))
+                 time.monotonic() - started, engine_kwargs["dtype"], vllm_compat.VERSION, ",".join(self.tasks),
+                 vllm_compat.prefix_caching(self.engine))
 
     # -- the provider contract: an OpenAI body in, OpenAI objects or SSE frames out ------------------------
 
@@ -337,12 +337,12 @@ class EngineDeployment:
                 piece.usage = Usage(usage.input_tokens, usage.output_tokens)
         return piece
 
-    # -- live adapters (serve_app/adapters.py) -------------------------------------------------------------
+    # -- live adapters (serve_app/lora_registry.py) -------------------------------------------------------------
 
     def _start_live_adapters(self, registry_path: str | None, state_on_head: bool) -> None:
         from ray import serve
 
-        from serve_app.adapters import RegistryView
+        from serve_app.lora_registry import RegistryView
 
         async def load(multiplexed_id: str) -> LoadedAdapter:  # a function: Serve keeps its cache on it
             return await self._load(multiplexed_id)

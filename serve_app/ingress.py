@@ -4,12 +4,11 @@ Routes stay thin: validation lives in protocol.py, generation in serving.py, pro
 The ingress never imports vLLM.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the routes are the deployment's bound methods, and Serve
+# ships the class by value, so FastAPI could not resolve string annotations (Request) against its globals.
 import asyncio
 import json
 import logging
-import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -20,27 +19,26 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.adapters import AdapterRequest, RegistryView, adapter_not_found, mux_id, read_adapter_config
+from serve_app.live_adapters import LiveAdapters, adapter_object
+from serve_app.lora_registry import AdapterRequest
 from serve_app.auth import KeyStore, check_exposure, is_loopback, serve_listen_host
-from serve_app.config import LOCAL_PROVIDER, NAME_PATTERN, AppConfig, engine_deployment_name
+from serve_app.config import LOCAL_PROVIDER, AppConfig, engine_deployment_name
 from serve_app.metrics import ServingMetrics, cluster_exposition
 from serve_app.protocol import REQUEST_MODELS, APIError, format_validation_error
 from serve_app.providers.local import LocalEngineProvider
 from serve_app.providers.remote import RemoteProvider
-from serve_app.router import Router
+from serve_app.providers.ranking import Router
 from serve_app.serving import OpenAIServing
 from serve_app.usage_store import Accounting
 
 log = logging.getLogger("tuneserve.ingress")
 
 HEALTH_TIMEOUT_S = 10.0
-REGISTRY_TIMEOUT_S = 30.0
-ADAPTER_CHECK_TIMEOUT_S = 300.0  # an engine replica fetches the adapter from storage and loads it
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 TIMEOUT_HEADER = "X-Tuneserve-Timeout"  # a request's own deadline, in seconds
-SESSION_HEADER = "X-Session-Id"  # a conversation's id: its requests keep to one engine replica (routing.py)
+SESSION_HEADER = "X-Session-Id"  # a conversation's id: its requests keep to one engine replica (replica_router.py)
 SESSION_ID_MAX_CHARS = 256
 
 
@@ -102,17 +100,10 @@ class RequestGuard:
                         code="request_too_large")
 
 
-api = FastAPI(title="tuneserve", description="OpenAI-compatible API over vLLM engines on Ray Serve.",
-              docs_url="/docs", redoc_url=None)
-api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the chat page's JS and CSS
-
-
-@api.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     body_level = errors and tuple(errors[0].get("loc", ())) == ("body",)
@@ -122,12 +113,10 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return format_validation_error(errors).response()
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return APIError(exc.status_code, str(exc.detail)).response()
 
 
-@api.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error")
     return APIError(500, f"Internal error: {type(exc).__name__}").response()
@@ -140,13 +129,8 @@ async def _json(request: Request):
         raise APIError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def _adapter_object(entry: dict) -> dict:
-    return {"id": entry["id"], "object": "adapter", "base": entry["base"], "uri": entry["uri"],
-            "created": entry["created"]}
-
-
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
-@serve.ingress(api)
+@serve.ingress()  # the FastAPI app is built per replica, from its config (__serve_build_asgi_app__)
 class Ingress:
     def __init__(self, config: AppConfig, engines: dict):
         self.config = config
@@ -170,42 +154,31 @@ class Ingress:
                                      request_timeout_s=ingress.request_timeout_s,
                                      local_attempt_timeout_s=ingress.local_engines.attempt_timeout_s,
                                      keepalive_s=ingress.sse_keepalive_s)
-        # Live adapters: registered at runtime, on the engines of models that allow them.
-        self.live_bases = {m.id: m for m in config.models if m.live_adapters.enabled and m.task == "generate"}
-        self.live: dict[str, dict] = {}  # adapter id -> its registry entry, as routed by this replica
-        self.registry = None
-        self.registry_waited = False
-        if self.live_bases:
-            self.registry = RegistryView(self.replica.app_name, config.adapter_registry.path,
-                                         config.ingress.placement == "head", on_change=self._adapters_changed)
+        self.adapters = LiveAdapters(config, engines, self.replica.app_name, self.router, local, self.serving)
         # Checked here too, not only when the app is built: `serve run module:app` builds it before Serve
         # starts, when the host it will listen on is not known yet.
         listen_host = serve_listen_host()
         check_exposure(ingress.api_keys, listen_host, ingress.allow_unauthenticated)
         self.keys = KeyStore(ingress.api_keys, loopback_only=is_loopback(listen_host))
-        # Added per replica: the guard's limits and keys come from this app's config.
-        api.user_middleware.clear()
-        api.add_middleware(RequestGuard, max_body_bytes=ingress.max_body_bytes, keys=self.keys,
-                           max_ongoing_requests=ingress.max_ongoing_requests)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
 
     def _require_admin(self, request: Request, what: str) -> None:
         client = request.client.host if request.client else None
         self.keys.require_admin(request.state.api_key, client, what)
 
-    @api.get("/", include_in_schema=False)
     async def chat_page(self) -> FileResponse:
         """The web chat (static/): it talks to this same app through /v1."""
         return FileResponse(STATIC_DIR / "index.html")
 
-    @api.get("/chat", include_in_schema=False)
     async def chat_page_alias(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @api.get("/v1/models")
     async def list_models(self) -> dict:
         """Local and remote models, each with the providers that serve it; then live adapters; then the
         aliases."""
-        await self._live_ready()
+        await self.adapters.ready()
         local = dict(self.config.local_models())
         models = []
         for model_id in self.config.model_ids():
@@ -217,43 +190,33 @@ class Ingress:
                 if local[model_id].id != model_id:  # a LoRA adapter on that model's engine
                     entry["parent"] = local[model_id].id
             models.append(entry)
-        for entry in self.live.values():
-            base = self.live_bases[entry["base"]]
-            # No storage URI here: that is for admin keys, through /v1/adapters.
-            models.append({"id": entry["id"], "object": "model", "created": entry["created"],
-                           "owned_by": base.owned_by, "providers": [LOCAL_PROVIDER], "parent": base.id,
-                           "max_model_len": base.max_model_len})
+        models += self.adapters.models()
         models += [{"id": alias, "object": "model", "created": 0, "owned_by": "alias", "alias_of": targets}
                    for alias, targets in self.config.aliases.items()]
         return {"object": "list", "data": models}
 
-    @api.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str) -> dict:
         for model in (await self.list_models())["data"]:
             if model["id"] == model_id:
                 return model
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
-    @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._serve("chat", request)
 
-    @api.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._serve("completions", request)
 
-    @api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
         return await self._serve("embeddings", request)
 
-    @api.post("/v1/responses")
     async def responses(self, request: Request):
         """The Responses API, stateless (store: false): every request carries its whole input."""
         return await self._serve("responses", request)
 
     async def _serve(self, endpoint: str, request: Request):
         """Validate the client's JSON, then hand it on as it was sent (see serve_app/protocol.py)."""
-        await self._live_ready()
+        await self.adapters.ready()
         raw = await _json(request)
         if not isinstance(raw, dict):
             raise APIError(400, "The request body must be a JSON object (Content-Type: application/json).",
@@ -282,134 +245,29 @@ class Ingress:
                            f"{limit:g}.", param=TIMEOUT_HEADER, code="invalid_timeout")
         return timeout_s
 
-    # -- live adapters (serve_app/adapters.py) ------------------------------------------------------------
-
-    async def _live_ready(self) -> None:
-        """This replica's copy of the adapter registry, taken on its first request and then kept current."""
-        if self.registry is None or self.registry.version is not None or self.registry_waited:
-            return
-        try:
-            await self.registry.ready(timeout_s=10)
-        except Exception as exc:  # serve the configured models meanwhile; the view keeps trying
-            self.registry_waited = True  # once: later requests do not wait for it
-            log.warning("adapter registry not reachable yet: %s", exc)
-
-    def _adapters_changed(self, entries: dict[str, dict]) -> None:
-        """Route what the registry holds: new adapters to their base model's engines, deleted ones nowhere."""
-        configured = set(self.config.model_ids()) | set(self.config.aliases)
-        wanted = {i: e for i, e in entries.items() if e["base"] in self.live_bases and i not in configured}
-        for adapter_id in set(self.live) - set(wanted):
-            self.router.withdraw(adapter_id)
-            self.local.live.pop(adapter_id, None)
-            self.serving.tasks.pop(adapter_id, None)
-            self.serving.contexts.pop(adapter_id, None)
-        for adapter_id, entry in wanted.items():
-            if self.live.get(adapter_id, {}).get("seq") == entry["seq"]:
-                continue
-            base = self.live_bases[entry["base"]]
-            self.router.offer_live(adapter_id, base.price)
-            self.local.live[adapter_id] = (self.engines[base.id], mux_id(entry))
-            self.serving.tasks[adapter_id] = "generate"
-            self.serving.contexts[adapter_id] = base.max_model_len
-        self.live = wanted
-
-    async def _registry_call(self, method: str, *args):
-        if self.registry is None:
-            raise APIError(400, "No model here takes live adapters (set live_adapters.enabled on a model).",
-                           code="live_adapters_off")
-        try:
-            registry = await self.registry.registry()
-            return await asyncio.wait_for(getattr(registry, method).remote(*args), REGISTRY_TIMEOUT_S)
-        except Exception as exc:
-            self.registry.handle = None
-            raise APIError(503, f"The adapter registry cannot be reached ({type(exc).__name__}). Retry shortly.",
-                           code="adapter_registry_unavailable", headers={"Retry-After": "2"}) from None
-
-    async def _register(self, wanted: AdapterRequest) -> dict:
-        """Check everything, then store: a refused adapter leaves nothing behind."""
-        from cluster.storage import StorageError, confined
-
-        await self._live_ready()
-        base_id = wanted.base
-        if base_id is None:
-            if len(self.live_bases) != 1:
-                raise APIError(400, "'base' is required: it names the model the adapter was trained on (here: "
-                               f"{', '.join(self.live_bases) or 'none takes live adapters'}).", param="base",
-                               code="invalid_value")
-            base_id = next(iter(self.live_bases))
-        base = self.live_bases.get(base_id)
-        if base is None:
-            local = dict(self.config.local_models())
-            if base_id in local:
-                raise APIError(400, f"The model '{base_id}' does not take live adapters (set live_adapters.enabled "
-                               "in its config).", param="base", code="live_adapters_off")
-            raise APIError(404, f"The base model '{base_id}' is not served here; live adapters go on: "
-                           f"{', '.join(self.live_bases)}.", param="base", code="model_not_found")
-        if wanted.id in set(self.config.model_ids()) | set(self.config.aliases) or wanted.id in self.live:
-            raise APIError(409, f"The model id '{wanted.id}' is taken.", param="id", code="adapter_exists")
-        if "#" in wanted.id or not re.fullmatch(NAME_PATTERN, wanted.id):
-            raise APIError(400, f"Invalid adapter id '{wanted.id[:80]}': letters, digits and . _ : / -, starting "
-                           "with a letter or digit.", param="id", code="invalid_value")
-        try:  # a storage-relative path becomes the URI every node resolves; only under the allowed roots
-            uri = (await asyncio.to_thread(confined, wanted.uri, self.config.storage.allowed_roots)).uri
-        except StorageError:
-            raise adapter_not_found(wanted.uri) from None
-        adapter_config = await asyncio.to_thread(read_adapter_config, uri, wanted.uri)
-        if adapter_config["r"] > base.live_adapters.max_rank:
-            raise APIError(400, f"The adapter's rank {adapter_config['r']} exceeds live_adapters.max_rank "
-                           f"({base.live_adapters.max_rank}) of '{base.id}'.", param="uri", code="invalid_adapter")
-        try:  # one engine replica loads it and lets it go: vLLM's own check against the base model
-            why = await asyncio.wait_for(self.engines[base.id].check_adapter.remote(uri), ADAPTER_CHECK_TIMEOUT_S)
-        except Exception as exc:
-            raise APIError(503, f"No engine of '{base.id}' could check the adapter ({type(exc).__name__}: "
-                           f"{str(exc)[:200]}). Retry shortly.", code="engine_unavailable") from None
-        if why:
-            raise APIError(400, f"The adapter at {uri} does not fit '{base.id}': {why[:500]}", param="uri",
-                           code="invalid_adapter")
-        outcome, entry = await self._registry_call("add", {"id": wanted.id, "base": base.id, "uri": uri})
-        if outcome == "exists":
-            raise APIError(409, f"The model id '{wanted.id}' is taken.", param="id", code="adapter_exists")
-        await self.registry.refresh()
-        log.info("live adapter %s registered on %s from %s", wanted.id, base.id, uri)
-        return entry
-
-    async def _unregister(self, adapter_id: str) -> dict:
-        await self._live_ready()
-        entry = await self._registry_call("remove", adapter_id)
-        if entry is None:
-            raise APIError(404, f"No live adapter '{adapter_id}'.", param="id", code="adapter_not_found")
-        await self.registry.refresh()
-        log.info("live adapter %s deleted", adapter_id)
-        return entry
-
-    @api.get("/v1/adapters")
     async def list_adapters(self, request: Request) -> dict:
         """Live adapters: id, base model, storage URI, when registered."""
         self._require_admin(request, "manage adapters")
-        await self._live_ready()
-        return {"object": "list", "data": [_adapter_object(e) for e in self.live.values()]}
+        await self.adapters.ready()
+        return {"object": "list", "data": [adapter_object(e) for e in self.adapters.entries.values()]}
 
-    @api.post("/v1/adapters")
     async def create_adapter(self, request: Request) -> dict:
         """Register a LoRA adapter: {id, base, uri}. Served within moments, by every replica, no restart."""
         self._require_admin(request, "manage adapters")
-        return _adapter_object(await self._register(AdapterRequest.parse(await _json(request), vllm_shape=False)))
+        return adapter_object(await self.adapters.register(AdapterRequest.parse(await _json(request), vllm_shape=False)))
 
-    @api.delete("/v1/adapters/{adapter_id:path}")
     async def delete_adapter(self, adapter_id: str, request: Request) -> dict:
         """Unregister: new requests get 404 at once; streams running on it finish."""
         self._require_admin(request, "manage adapters")
-        await self._unregister(adapter_id)
+        await self.adapters.unregister(adapter_id)
         return {"id": adapter_id, "object": "adapter", "deleted": True}
 
-    @api.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> Response:
         """vLLM's shape of a registration: {lora_name, lora_path, base_model_name}."""
         self._require_admin(request, "manage adapters")
-        entry = await self._register(AdapterRequest.parse(await _json(request), vllm_shape=True))
+        entry = await self.adapters.register(AdapterRequest.parse(await _json(request), vllm_shape=True))
         return Response(f"Success: LoRA adapter '{entry['id']}' added successfully.", media_type="text/plain")
 
-    @api.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> Response:
         """vLLM's shape of a deletion: {lora_name}."""
         self._require_admin(request, "manage adapters")
@@ -417,10 +275,9 @@ class Ingress:
         name = body.get("lora_name") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
             raise APIError(400, "'lora_name' must be a non-empty string.", param="lora_name", code="invalid_value")
-        await self._unregister(name)
+        await self.adapters.unregister(name)
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
-    @api.get("/admin/usage")
     async def usage(self, request: Request) -> dict:
         """Per-key usage (from the usage store, so every replica answers the same), and this replica's live
         view of each provider."""
@@ -428,7 +285,6 @@ class Ingress:
         return {**await self.accounting.report(), "providers": self.router.snapshot(),
                 "replica": self.replica.replica_id.unique_id}
 
-    @api.get("/health")
     async def health(self) -> JSONResponse:
         """200 while every local model has a running engine replica; 503 naming those that have none.
 
@@ -456,9 +312,44 @@ class Ingress:
                 states[model.id] = f"unhealthy: no running replica ({why})"
         return states
 
-    @api.get("/metrics")
-    async def metrics(self, request: Request) -> Response:
+    async def prometheus_metrics(self, request: Request) -> Response:
         """Prometheus text for the whole cluster: every node's Ray metrics export (ingress and engine replicas),
         summed over processes. With API keys configured it takes an admin key: it names keys and their spend."""
         self._require_admin(request, "read metrics")
         return Response(await cluster_exposition(), media_type="text/plain; version=0.0.4")
+
+
+def build_api(ingress: "Ingress") -> FastAPI:
+    """The replica's FastAPI app: the guard with this app's limits and keys, OpenAI-format errors, the chat
+    page's files, and the routes, each bound to the replica's Ingress."""
+    api = FastAPI(title="tuneserve", description="OpenAI-compatible API over vLLM engines on Ray Serve.",
+                  docs_url="/docs", redoc_url=None)
+    settings = ingress.config.ingress
+    api.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, keys=ingress.keys,
+                       max_ongoing_requests=settings.max_ongoing_requests)
+    api.add_exception_handler(APIError, _api_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(Exception, _unexpected)
+    api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the chat page's JS and CSS
+    routes = [
+        ("GET", "/", ingress.chat_page, False),
+        ("GET", "/chat", ingress.chat_page_alias, False),
+        ("GET", "/v1/models", ingress.list_models, True),
+        ("GET", "/v1/models/{model_id:path}", ingress.get_model, True),
+        ("POST", "/v1/chat/completions", ingress.chat_completions, True),
+        ("POST", "/v1/completions", ingress.completions, True),
+        ("POST", "/v1/embeddings", ingress.embeddings, True),
+        ("POST", "/v1/responses", ingress.responses, True),
+        ("GET", "/v1/adapters", ingress.list_adapters, True),
+        ("POST", "/v1/adapters", ingress.create_adapter, True),
+        ("DELETE", "/v1/adapters/{adapter_id:path}", ingress.delete_adapter, True),
+        ("POST", "/v1/load_lora_adapter", ingress.load_lora_adapter, True),
+        ("POST", "/v1/unload_lora_adapter", ingress.unload_lora_adapter, True),
+        ("GET", "/admin/usage", ingress.usage, True),
+        ("GET", "/health", ingress.health, True),
+        ("GET", "/metrics", ingress.prometheus_metrics, True),
+    ]
+    for method, path, endpoint, in_schema in routes:
+        api.add_api_route(path, endpoint, methods=[method], include_in_schema=in_schema)
+    return api

@@ -24,7 +24,7 @@ from serve_app.metrics import ServingMetrics
 from serve_app.protocol import ROUTING_FIELDS, APIError, parameters_sent
 from serve_app.providers.base import (OVERLOADED, EngineRequestError, Piece, Provider, ProviderCall, ProviderError,
                                      sse)
-from serve_app.router import Candidate, Lease, Router
+from serve_app.providers.ranking import Candidate, Lease, Router
 from serve_app.usage_store import Accounting
 
 log = logging.getLogger("tuneserve.serving")
@@ -57,6 +57,15 @@ class OpenAIServing:
         self.request_timeout_s = request_timeout_s  # the default deadline of a whole request
         self.local_attempt_timeout_s = local_attempt_timeout_s  # to a local engine's first piece
         self.keepalive_s = keepalive_s  # SSE comments while a stream waits for its first token; 0: none
+
+    def add_model(self, model_id: str, task: str, context: int) -> None:
+        """A model served from now on (a live adapter): its task and context length."""
+        self.tasks[model_id] = task
+        self.contexts[model_id] = context
+
+    def remove_model(self, model_id: str) -> None:
+        self.tasks.pop(model_id, None)
+        self.contexts.pop(model_id, None)
 
     async def handle(self, endpoint: str, raw: dict, body, key: ApiKey | None, timeout_s: float | None = None,
                      session_id: str = ""):

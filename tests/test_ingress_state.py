@@ -1,5 +1,5 @@
 """The ingress's state, on a controlled clock: the ledger of per-key limits and usage (serve_app/auth.py, as the
-usage store keeps it), and the router's circuit breakers and live figures (serve_app/router.py)."""
+usage store keeps it), and the router's circuit breakers and live figures (serve_app/providers/ranking.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from serve_app.auth import ANONYMOUS, Ledger
 from serve_app.config import ApiKey, AppConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import APIError
-from serve_app.router import Router
+from serve_app.providers.ranking import Router
 
 
 class Clock:

@@ -192,7 +192,7 @@ def test_the_registry_survives_its_own_loss_and_an_ingress_restart(server):
     import ray
     from ray.util.state import list_actors
 
-    from serve_app.adapters import registry_name
+    from serve_app.lora_registry import registry_name
     from serve_app.state_actors import STATE_NAMESPACE
 
     for actor in list_actors(filters=[("class_name", "=", "ServeReplica:tuneserve:Ingress"), ("state", "=", "ALIVE")]):

@@ -167,7 +167,7 @@ def test_evaluate_job_reads_and_writes_storage(cluster):
     assert results["summary"]["questions"] == 4
 
 
-ADMIN_KEY = {"name": "admin", "env": "TUNESERVE_ADMIN_KEY", "admin": True}  # as serve_app/configs/cluster.yaml
+ADMIN_KEY = {"name": "admin", "env": "TUNESERVE_ADMIN_KEY", "admin": True}  # as serve_app/configs/cluster-app.yaml
 
 
 def _deploy(cluster: Cluster, app_config: dict | str, tmp_path: Path) -> None:

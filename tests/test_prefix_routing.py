@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from ray import cloudpickle
 
 from serve_app.config import ModelConfig
-from serve_app.routing import RAW_PROMPT_KEY_CHARS, rendezvous_order, request_router_config, routing_key
+from serve_app.replica_router import RAW_PROMPT_KEY_CHARS, rendezvous_order, request_router_config, routing_key
 from tests.conftest import MODEL_ID, TEST_KEY, scrape
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test deployment below, by value

@@ -28,6 +28,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from cluster import storage
@@ -39,6 +40,7 @@ from jobs.finetune.config import (
     FinetuneConfig,
     check_dtype,
     check_supported,
+    TrainPlan,
     load_config,
     resolved_dtype,
 )
@@ -147,19 +149,19 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
         log.info("data with distillation: %s; %d steps (%d per epoch)", json.dumps(data_stats), total_steps,
                  steps_per_epoch)
     # Workers get the model's reference, not the driver's folder: each node resolves it into its own cache.
-    plan = {"model": cfg.model.path, "dtype": dtype, "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch, "run_uri": run.uri}
+    plan = TrainPlan(model=cfg.model.path, dtype=dtype, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                     run_uri=run.uri)
     if cfg.lora.input_share:  # the directions each lora_A reads, from the data and the base's answers
         from jobs.finetune.distill import answer_sequences
         from jobs.finetune.subspace import input_bases
 
-        plan["input_bases"] = input_bases(cfg, run, [e.input_ids for e in examples],
-                                          answer_sequences(cfg, run), use_gpu)
+        plan.input_bases = input_bases(cfg, run, [e.input_ids for e in examples],
+                                       answer_sequences(cfg, run), use_gpu)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     parent = run.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.model_dump(), "plan": plan, "rows": ray.put(rows)},
+        train_loop_config={"cfg": cfg.model_dump(), "plan": asdict(plan), "rows": ray.put(rows)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.scaling.placement),

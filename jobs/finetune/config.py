@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -325,3 +326,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneC
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid recipe: {problems}") from exc
+
+
+@dataclass
+class TrainPlan:
+    """What the driver decided, for every worker: the model's reference (each node resolves it into its
+    own cache: nodes share no disk), the dtype, the step counts, the run's storage URI, and the input bases
+    of `lora.input_share` (a storage URI), if any."""
+
+    model: str
+    dtype: str
+    total_steps: int
+    steps_per_epoch: int
+    run_uri: str
+    input_bases: str | None = None

@@ -12,6 +12,7 @@ import logging
 import random
 import tempfile
 import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from cluster.storage import Location, locate
 from jobs.data.tokenize import Example, collate, padding_id
-from jobs.finetune.config import FinetuneConfig
+from jobs.finetune.config import FinetuneConfig, TrainPlan
 
 log = logging.getLogger("tuneserve.finetune")
 
@@ -138,20 +139,41 @@ def record_attempt(run: Location, start_step: int, world: int) -> None:
     target.write_text(before + json.dumps({"start_step": start_step, "node_ips": ips, "time": time.time()}) + "\n")
 
 
-def train_loop(loop_config: dict) -> None:
-    import ray
-    import ray.train
-    from transformers import AutoTokenizer
+@dataclass
+class StepFigures:
+    """One optimizer step's figures on one worker, summed over the workers by `reduced`."""
 
-    from jobs.finetune.model import build_model
-    from jobs.finetune.strategies import build_strategy
+    loss: float = 0.0  # mean over the step's micro-batches
+    tokens: float = 0.0  # since the last logged step, padding not counted
+    kl: float = 0.0  # distillation KL, mean over the micro-batches that had distillation tokens
+    kl_workers: float = 0.0  # workers whose step had any (so the mean is over those)
+    margin: float = 0.0  # the greedy-margin hinge, likewise
+    margin_workers: float = 0.0
+
+    def reduced(self, world: int, device: torch.device) -> "StepFigures":
+        if world == 1:
+            return self
+        packed = torch.tensor(list(astuple(self)), device=device)
+        dist.all_reduce(packed)
+        return StepFigures(*packed.tolist())
+
+    def logged(self, world: int, window_s: float) -> dict:
+        values = {"loss": round(self.loss / world, 5), "tokens_per_s": round(self.tokens / window_s, 1)}
+        if self.kl_workers:  # distillation: KL(base || tuned), averaged over the workers that had any
+            values["distill_kl"] = round(self.kl / self.kl_workers, 5)
+        if self.margin_workers:
+            values["distill_margin"] = round(self.margin / self.margin_workers, 5)
+        return values
+
+
+def _mean(values: list[torch.Tensor]) -> float:
+    return torch.stack(values).mean().item() if values else 0.0
+
+
+def _set_up_worker(cfg: FinetuneConfig, context) -> torch.device:
+    import ray.train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = FinetuneConfig.model_validate(loop_config["cfg"])
-    plan = loop_config["plan"]
-    rows: list[Example] = ray.get(loop_config["rows"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     threads = cfg.train.threads_on_this_node(context.get_local_world_size())
     if threads:
         torch.set_num_threads(threads)
@@ -160,109 +182,141 @@ def train_loop(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
+def _load_model(cfg: FinetuneConfig, plan: TrainPlan, device: torch.device):
+    from transformers import AutoTokenizer
 
     from cluster.model_cache import resolve_model_path
+    from jobs.finetune.model import build_model
 
-    model_path = resolve_model_path(plan["model"])  # this node's copy: nodes share no disk
+    model_path = resolve_model_path(plan.model)  # this node's copy: nodes share no disk
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = build_model(cfg, model_path, plan["dtype"], device)
-    if plan.get("input_bases"):  # lora.input_share: each lora_A reads its input through the run's bases
+    model = build_model(cfg, model_path, plan.dtype, device)
+    if plan.input_bases:  # lora.input_share: each lora_A reads its input through the run's bases
         from jobs.finetune.subspace import read_bases, restrict
 
-        restricted = restrict(model, read_bases(plan["input_bases"]))
+        restricted = restrict(model, read_bases(plan.input_bases))
         log.info("lora_A of %d modules restricted to the run's input bases", restricted)
     model.train()
-    total_steps, steps_per_epoch = plan["total_steps"], plan["steps_per_epoch"]
-    strategy = build_strategy(cfg, model, device, total_steps)
+    return model, tokenizer
 
-    start_step = 0
+
+def _resume(strategy) -> int:
+    """The step of the latest checkpoint Ray Train reported (weights, optimizer and scheduler restored), or 0."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            strategy.load(Path(folder))
-            start_step = json.loads((Path(folder) / "progress.json").read_text())["step"]
-        log.info("resumed from step %d", start_step)
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as folder:
+        strategy.load(Path(folder))
+        step = json.loads((Path(folder) / "progress.json").read_text())["step"]
+    log.info("resumed from step %d", step)
+    return step
 
-    run = locate(plan["run_uri"])
+
+def _train_step(cfg: FinetuneConfig, strategy, rows: list[Example], pad_id: int, width: int | None,
+                device: torch.device, hinge_on: bool) -> tuple[StepFigures, float]:
+    """One optimizer step over `rows` (grad_accum micro-batches of micro_batch_size rows): this worker's
+    figures and the gradient norm."""
+    micro = cfg.train.micro_batch_size
+    losses, kls, margins, tokens = [], [], [], 0
+    for i in range(cfg.train.grad_accum):
+        chunk = rows[i * micro:(i + 1) * micro]
+        tokens += sum(len(row.input_ids) for row in chunk)  # padding not counted
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id, width=width, multiple=64).items()}
+        loss, parts = strategy.forward(batch, hinge_on=hinge_on)
+        strategy.backward(loss, last_micro_step=i == cfg.train.grad_accum - 1)
+        losses.append(loss.detach())
+        if "kl" in parts:
+            kls.append(parts["kl"])
+        if "margin" in parts:  # only micro-batches with tokens the hinge is on
+            margins.append(parts["margin"])
+    grad_norm = strategy.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so that tokens/s counts this step's GPU work, not a later one's
+    figures = StepFigures(loss=_mean(losses), tokens=float(tokens), kl=_mean(kls), kl_workers=float(bool(kls)),
+                          margin=_mean(margins), margin_workers=float(bool(margins)))
+    return figures, grad_norm
+
+
+def train_loop(loop_config: dict) -> None:
+    import ray
+    import ray.train
+
+    from jobs.finetune.strategies import build_strategy
+
+    cfg = FinetuneConfig.model_validate(loop_config["cfg"])
+    plan = TrainPlan(**loop_config["plan"])
+    rows: list[Example] = ray.get(loop_config["rows"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = _set_up_worker(cfg, context)
+    model, tokenizer = _load_model(cfg, plan, device)
+    total_steps, steps_per_epoch = plan.total_steps, plan.steps_per_epoch
+    strategy = build_strategy(cfg, model, device, total_steps)
+    start_step = _resume(strategy)
+    run = locate(plan.run_uri)
     record_attempt(run, start_step, world)
     sink = MetricsSink(run, cfg.monitor.tensorboard, start_step) if rank == 0 else None
-    micro = cfg.train.micro_batch_size
-    per_worker = steps_per_epoch * cfg.train.grad_accum * micro
+    rows_per_step = cfg.train.grad_accum * cfg.train.micro_batch_size
     pad_id = padding_id(tokenizer)
     width = cfg.data.max_length if cfg.data.packing and device.type == "cuda" else None  # static shapes on GPU
-
     progress = None
     if rank == 0:
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=start_step, desc="fine-tune", unit="step", mininterval=2)
-    step = start_step
     hinge_from = int(cfg.loss.distill_margin_from * total_steps)  # a step count, so a resumed run agrees
-    window_tokens, window_s = 0, 0.0  # tokens/s over compute time only (not evaluation or checkpoints)
+    window_tokens, window_s = 0.0, 0.0  # tokens/s over compute time only (not evaluation or checkpoints)
+    step = start_step
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        mine = worker_rows(rows, epoch, cfg.data.shuffle_seed, rank, world, per_worker)
-        for step_in_epoch in range(offset, steps_per_epoch):
-            if step >= total_steps:
-                break
-            losses, kls, hinges, tokens, step_start = [], [], [], 0, time.perf_counter()
-            strategy.hinge_on = step >= hinge_from
-            for i in range(cfg.train.grad_accum):
-                first = (step_in_epoch * cfg.train.grad_accum + i) * micro
-                batch = collate(mine[first:first + micro], pad_id, width=width, multiple=64)
-                tokens += sum(len(row.input_ids) for row in mine[first:first + micro])  # padding not counted
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = strategy.forward(batch)
-                strategy.backward(loss, last_micro_step=i == cfg.train.grad_accum - 1)
-                losses.append(loss.detach())
-                if "kl" in strategy.loss_parts:
-                    kls.append(strategy.loss_parts.pop("kl"))
-                if "margin" in strategy.loss_parts:  # only micro-batches with tokens the hinge is on
-                    hinges.append(strategy.loss_parts.pop("margin"))
-            grad_norm = strategy.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # so that tokens/s counts this step's GPU work, not a later one's
+        mine = worker_rows(rows, epoch, cfg.data.shuffle_seed, rank, world, steps_per_epoch * rows_per_step)
+        for step_in_epoch in range(offset, min(steps_per_epoch, offset + total_steps - step)):
+            started = time.perf_counter()
+            first = step_in_epoch * rows_per_step
+            figures, grad_norm = _train_step(cfg, strategy, mine[first:first + rows_per_step], pad_id, width,
+                                             device, hinge_on=step >= hinge_from)
             step += 1
-            window_tokens += tokens
-            window_s += time.perf_counter() - step_start
-            kl = torch.stack(kls).mean().item() if kls else 0.0
-            hinge = torch.stack(hinges).mean().item() if hinges else 0.0
-            stats = torch.tensor([torch.stack(losses).mean().item(), float(window_tokens), kl, float(bool(kls)),
-                                  hinge, float(bool(hinges))], device=device)
-            if world > 1:
-                dist.all_reduce(stats)
+            window_tokens += figures.tokens
+            window_s += time.perf_counter() - started
+            figures.tokens = window_tokens
+            figures = figures.reduced(world, device)
             if rank == 0:
                 progress.update(1)
             if step % cfg.monitor.log_every == 0 or step == total_steps:
-                values = {"loss": round(stats[0].item() / world, 5), "lr": strategy.lr(),
-                          "grad_norm": round(grad_norm, 4), "tokens_per_s": round(stats[1].item() / window_s, 1),
+                values = {**figures.logged(world, window_s), "lr": strategy.lr(), "grad_norm": round(grad_norm, 4),
                           "epoch": round(step / steps_per_epoch, 3)}
-                if stats[3].item():  # distillation: KL(base || tuned), averaged over the ranks that had any
-                    values["distill_kl"] = round(stats[2].item() / stats[3].item(), 5)
-                if stats[5].item():  # the greedy-margin hinge, averaged likewise over the ranks that had any
-                    values["distill_margin"] = round(stats[4].item() / stats[5].item(), 5)
                 if device.type == "cuda":
                     values["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if rank == 0:
                     sink.log(step, values)
                     progress.set_postfix(loss=values["loss"], tok_s=values["tokens_per_s"])
-                window_tokens, window_s = 0, 0.0
+                window_tokens, window_s = 0.0, 0.0
             if cfg.monitor.eval_every and (step % cfg.monitor.eval_every == 0 or step == total_steps):
-                with strategy.generation():
-                    answers = chat_eval(strategy.base, tokenizer, cfg.monitor.eval_prompts,
-                                        cfg.monitor.eval_max_tokens, device)
-                if rank == 0:
-                    sink.log_chat(step, answers)
-                    for a in answers:
-                        log.info("chat eval step %d | %s -> %s", step, a["prompt"], a["answer"])
+                _chat_eval_step(cfg, strategy, tokenizer, device, step, sink)
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 if rank == 0:
                     sink.sync()
-                report_checkpoint(strategy, step, {"loss": stats[0].item() / world}, rank, tokenizer,
+                report_checkpoint(strategy, step, {"loss": figures.loss / world}, rank, tokenizer,
                                   final=step == total_steps)
     if rank == 0:
         progress.close()
         sink.close()
+
+
+def _chat_eval_step(cfg: FinetuneConfig, strategy, tokenizer, device: torch.device, step: int,
+                    sink: MetricsSink | None) -> None:
+    """The sample prompts' greedy answers at this step (every rank generates; rank 0 keeps them)."""
+    with strategy.generation():
+        answers = chat_eval(strategy.base, tokenizer, cfg.monitor.eval_prompts, cfg.monitor.eval_max_tokens, device)
+    if sink is not None:
+        sink.log_chat(step, answers)
+        for a in answers:
+            log.info("chat eval step %d | %s -> %s", step, a["prompt"], a["answer"])
 
 
 def report_checkpoint(strategy, step: int, metrics: dict, rank: int, tokenizer, final: bool) -> None:

@@ -62,7 +62,6 @@ class Strategy:
     """DDP (also plain single-worker training)."""
 
     name = "ddp"
-    hinge_on = True  # the loop turns the greedy-margin hinge off before loss.distill_margin_from
 
     def __init__(self, cfg: FinetuneConfig, model: torch.nn.Module, device: torch.device, total_steps: int):
         self.cfg = cfg
@@ -86,19 +85,17 @@ class Strategy:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """The micro-batch's loss; its parts (with distillation on) go to `self.loss_parts`. Every strategy
-        shares this forward, so each gets `loss_parts` here, whatever its own __init__ does."""
+    def forward(self, batch: dict, hinge_on: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss and its parts (detached: `ce`, and with distillation `kl`, and `margin` where
+        the greedy-margin hinge is on and had tokens). Every strategy shares this forward."""
         distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
-        self.loss_parts: dict[str, torch.Tensor] = {}
         with self.autocast():
             labels = batch.pop("labels")
             positions = loss_positions(labels, distill)
             logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
-            loss, self.loss_parts = lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions,
-                                            margin=self.cfg.loss.distill_margin,
-                                            margin_weight=self.cfg.loss.distill_margin_weight if self.hinge_on else 0.0)
-            return loss
+            return lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions,
+                           margin=self.cfg.loss.distill_margin,
+                           margin_weight=self.cfg.loss.distill_margin_weight if hinge_on else 0.0)
 
     def autocast(self):
         """bf16/fp16 matmuls on GPUs for fp32 adapters over a half-precision base; nothing on CPU (fp32)."""

@@ -20,13 +20,19 @@ class LocalEngineProvider:
 
     def __init__(self, handles: dict):
         self._handles = handles
-        # Live adapters (serve_app/adapters.py): id -> (the base model's engine handle, multiplexed id).
+        # Live adapters (serve_app/lora_registry.py): id -> (the base model's engine handle, multiplexed id).
         # Serve's multiplexing sends each to replicas that hold it; the engine loads it if none does.
         self.live: dict[str, tuple] = {}
 
+    def add_live(self, adapter_id: str, base_handle, multiplexed_id: str) -> None:
+        self.live[adapter_id] = (base_handle, multiplexed_id)
+
+    def remove_live(self, adapter_id: str) -> None:
+        self.live.pop(adapter_id, None)
+
     async def stream(self, call: ProviderCall) -> AsyncIterator[Piece]:
         live = self.live.get(call.body["model"])
-        # The session (if the client named one) keeps to one engine replica (serve_app/routing.py).
+        # The session (if the client named one) keeps to one engine replica (serve_app/replica_router.py).
         if live is not None:
             handle, multiplexed_id = live
             handle = handle.options(stream=True, multiplexed_model_id=multiplexed_id, session_id=call.session_id)

@@ -105,7 +105,7 @@ class Router:
         self.owners.setdefault(candidate.model, []).append(candidate.provider)
 
     def offer_live(self, adapter_id: str, price: Price) -> None:
-        """A live adapter (serve_app/adapters.py) on its base model's engines."""
+        """A live adapter (serve_app/lora_registry.py) on its base model's engines."""
         if adapter_id not in self.candidates:
             self._offer(Candidate(LOCAL_PROVIDER, adapter_id, adapter_id, price), self.local_breaker)
 

@@ -40,8 +40,8 @@ RAW_PROMPT_KEY_CHARS = 1_024  # a raw prompt has no turns: its start (~256 token
 RAW_PROMPT_KEY_TOKENS = 256
 SEEN_KEYS = 65_536  # keys remembered per router, for the hit metric only
 UNROUTED_S = 600.0  # a request chosen for but never routed (cancelled while queued) stops counting after this
-ROUTER_CLASSES = {"prefix": "serve_app.routing:PrefixAffinityRouter",
-                  "round_robin": "serve_app.routing:RoundRobinRouter"}
+ROUTER_CLASSES = {"prefix": "serve_app.replica_router:PrefixAffinityRouter",
+                  "round_robin": "serve_app.replica_router:RoundRobinRouter"}
 
 
 def request_router_config(model) -> Any:

