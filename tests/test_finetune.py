@@ -334,3 +334,26 @@ def test_resubmit_with_ray_job_submit_resumes(ray_head, tmp_path, tiny_llama, id
     assert tampered.returncode != 0 and "refused, it holds more than training state" in (
         tampered.stdout + tampered.stderr), (tampered.stdout + tampered.stderr)[-3000:]
     assert not marker.exists()
+
+
+def _refuse_everything(gate, base, summary, run):
+    """A recipe's own gate evaluator (publish.gate.evaluator: tests.test_finetune:_refuse_everything)."""
+    return False, {"base": base, "seen": summary["adapter"]}, ["refused by the recipe's own evaluator"]
+
+
+def test_the_gate_runs_the_evaluator_the_recipe_names(tmp_path):
+    from jobs.finetune.config import GateSection
+    from jobs.finetune.publish import PublishError, run_gate
+
+    summary = {"adapter": str(tmp_path / "adapter"), "merged": str(tmp_path / "merged")}
+    gate = GateSection(evaluator="tests.test_finetune:_refuse_everything")
+    passed, figures, reasons = run_gate(gate, "the-base", summary, None)
+    assert (passed, figures["seen"], reasons) == (False, summary["adapter"], ["refused by the recipe's own evaluator"])
+    with pytest.raises(PublishError, match="publish.gate.evaluator 'tests.no_such_module:gate'"):
+        run_gate(GateSection(evaluator="tests.no_such_module:gate"), "the-base", summary, None)
+    with pytest.raises(ValueError, match="'assistant' or 'module:function'"):
+        GateSection(evaluator="not a function")
+    with pytest.raises(ValueError, match="give heldout"):
+        GateSection()  # the assistant evaluator needs its held-out questions
+    with pytest.raises(ValueError, match="not both"):
+        GateSection(heldout="data/h.jsonl", command=["true"])

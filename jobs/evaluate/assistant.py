@@ -114,6 +114,52 @@ def evaluate(base: str, tuned: str, identity_qs: list[str], general_qs: list[str
     return result, outputs, questions
 
 
+def gate(gate, base: str, summary: dict, run) -> tuple[bool, dict, list[str]]:
+    """The publish gate's assistant evaluator (jobs/finetune/publish.py): this run's evaluation against the
+    recipe's thresholds (`publish.gate`). Returns (passed, figures, the reasons it failed)."""
+    figures = gate_evaluation(gate, base, summary, run)
+    tuned = next(r for r in figures["rows"] if r["model"] == "tuned")
+    checks = [
+        (tuned["identity"] >= gate.min_identity, f"identity {tuned['identity']:.1%} < min_identity {gate.min_identity:.1%}"),
+        (tuned["general_same_start"] >= gate.min_general_same_start,
+         f"general answers starting as the base's {tuned['general_same_start']:.1%} < min_general_same_start "
+         f"{gate.min_general_same_start:.1%}"),
+        (tuned["general_names_owner"] <= gate.max_general_names_owner,
+         f"general answers naming the owner {tuned['general_names_owner']} > max_general_names_owner "
+         f"{gate.max_general_names_owner}"),
+        (figures["ppl_change"] <= gate.max_ppl_change,
+         f"GSM8K perplexity change {figures['ppl_change']:+.2%} > max_ppl_change {gate.max_ppl_change:+.2%}"),
+    ]
+    reasons = [why for ok, why in checks if not ok]
+    return not reasons, figures, reasons
+
+
+def gate_evaluation(gate, base: str, summary: dict, run) -> dict:
+    """The assistant evaluation of this run, reused when it was already made with the same settings (a
+    second publish of the same run under other thresholds does not evaluate again)."""
+    from jobs.finetune.config import GateError
+
+    if not summary.get("merged"):
+        raise GateError("the gate evaluates the merged model: set output.merge: true (the default)")
+    settings = {"base": base, "tuned": summary["merged"], "heldout": locate(gate.heldout).uri,
+                "ppl_limit": gate.ppl_limit, "max_tokens": gate.max_tokens}
+    saved = run.join("assistant_eval", "gate.json")
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        if previous.get("settings") == settings:
+            log.info("gate: the evaluation of this run with these settings exists (%s); reusing it", saved.uri)
+            return previous["result"]
+    from cluster.local import connect
+
+    connect(logging_level=logging.WARNING)
+    identity, general, owner = read_heldout(gate.heldout)
+    log.info("gate: evaluating %s against %s (%d identity and %d general questions, %s GSM8K answers)",
+             settings["tuned"], base, len(identity), len(general), gate.ppl_limit or "all")
+    result, _, _ = evaluate(base, summary["merged"], identity, general, owner, gate.ppl_limit, gate.max_tokens)
+    saved.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate.assistant", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,6 +7,7 @@ work before any worker starts.
 from __future__ import annotations
 
 import os
+import re
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,11 +188,19 @@ class OutputSection(Strict):
     merge_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the training dtype
 
 
-class GateSection(Strict):
-    """What the fine-tuned adapter must show before it is published: `jobs.evaluate.assistant`'s figures
-    (base and tuned side by side on held-out questions and GSM8K answers) against these thresholds, or a
-    command of the user's own that exits 0 to pass."""
+class GateError(ValueError):
+    """The gate's evaluation could not run (not a refusal: the adapter was not judged)."""
 
+
+class GateSection(Strict):
+    """What the fine-tuned adapter must show before it is published. `evaluator` judges it: "assistant" (the
+    personal-assistant evaluation, `jobs.evaluate.assistant`: base and tuned side by side on held-out
+    questions and GSM8K answers, against the thresholds below), or "module:function" of your own, called as
+    `function(gate, base_model, run_summary, run_location)` and returning (passed, figures, reasons). Or a
+    `command` that exits 0 to pass."""
+
+    evaluator: str = "assistant"
+    # The assistant evaluator's settings:
     heldout: str | None = None  # held-out questions (`python -m jobs.data identity` writes them); a storage path
     min_identity: float = Field(0.8, ge=0, le=1)  # share of held-out identity questions answered with the owner
     min_general_same_start: float = Field(0.5, ge=0, le=1)  # general answers that start as the base's do
@@ -204,8 +213,14 @@ class GateSection(Strict):
 
     @model_validator(mode="after")
     def _one_evaluation(self) -> "GateSection":
-        if (self.heldout is None) == (self.command is None):
+        if self.command is not None:
+            if self.heldout is not None:
+                raise ValueError("publish.gate: give heldout (the assistant evaluation) or command (your own), "
+                                 "not both")
+        elif self.evaluator == "assistant" and self.heldout is None:
             raise ValueError("publish.gate: give heldout (the assistant evaluation) or command (your own)")
+        elif self.evaluator != "assistant" and not re.fullmatch(r"[\w.]+:\w+", self.evaluator):
+            raise ValueError(f"publish.gate.evaluator {self.evaluator!r}: 'assistant' or 'module:function'")
         return self
 
 

@@ -10,8 +10,8 @@ The recipe's section:
     adapter_id: assistant-v2
     gate: {heldout: data/assistant.heldout.jsonl, min_identity: 0.8, max_ppl_change: 0.1}
 
-The gate runs `jobs.evaluate.assistant` (base and tuned side by side: identity on held-out paraphrases,
-general answers against the base, GSM8K answer perplexity), or the user's `gate.command`. If it passes,
+The gate runs the recipe's evaluator (`gate.evaluator`: by default the assistant evaluation of
+jobs/evaluate/assistant.py, base and tuned side by side), or the user's `gate.command`. If it passes,
 the adapter is registered (`POST /v1/adapters`) and this waits until the service lists it and answers with
 it; if not, nothing is published and the figures say why. Either way `<run>/publish.json` records it.
 """
@@ -30,7 +30,7 @@ import httpx
 
 from cluster import storage
 from cluster.storage import Location, locate
-from jobs.finetune.config import ConfigError, FinetuneConfig, GateSection, PublishSection, load_config
+from jobs.finetune.config import ConfigError, FinetuneConfig, GateError, GateSection, PublishSection, load_config
 
 log = logging.getLogger("tuneserve.publish")
 
@@ -48,6 +48,21 @@ class PublishError(RuntimeError):
         return 3 if self.refused else 2
 
 
+# The evaluators a recipe names by a short name; any other is "module:function".
+GATE_EVALUATORS = {"assistant": "jobs.evaluate.assistant:gate"}
+
+
+def evaluator(name: str):
+    """The gate's evaluator function, imported by name: the generic job knows no evaluation of its own."""
+    import importlib
+
+    module, function = GATE_EVALUATORS.get(name, name).split(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise PublishError(f"publish.gate.evaluator {name!r}: {exc}") from None
+
+
 def run_gate(gate: GateSection, base: str, summary: dict, run: Location) -> tuple[bool, dict, list[str]]:
     """(passed, figures, reasons it failed)."""
     if gate.command is not None:
@@ -57,47 +72,10 @@ def run_gate(gate: GateSection, base: str, summary: dict, run: Location) -> tupl
         figures = {"command": gate.command, "exit_code": done.returncode, "wall_s": round(time.perf_counter() - started, 1),
                    "output_tail": (done.stdout + done.stderr)[-2000:]}
         return done.returncode == 0, figures, [] if done.returncode == 0 else [f"gate command exited {done.returncode}"]
-    figures = evaluation(gate, base, summary, run)
-    tuned = next(r for r in figures["rows"] if r["model"] == "tuned")
-    checks = [
-        (tuned["identity"] >= gate.min_identity, f"identity {tuned['identity']:.1%} < min_identity {gate.min_identity:.1%}"),
-        (tuned["general_same_start"] >= gate.min_general_same_start,
-         f"general answers starting as the base's {tuned['general_same_start']:.1%} < min_general_same_start "
-         f"{gate.min_general_same_start:.1%}"),
-        (tuned["general_names_owner"] <= gate.max_general_names_owner,
-         f"general answers naming the owner {tuned['general_names_owner']} > max_general_names_owner "
-         f"{gate.max_general_names_owner}"),
-        (figures["ppl_change"] <= gate.max_ppl_change,
-         f"GSM8K perplexity change {figures['ppl_change']:+.2%} > max_ppl_change {gate.max_ppl_change:+.2%}"),
-    ]
-    reasons = [why for ok, why in checks if not ok]
-    return not reasons, figures, reasons
-
-
-def evaluation(gate: GateSection, base: str, summary: dict, run: Location) -> dict:
-    """The assistant evaluation of this run, reused when it was already made with the same settings (a
-    second publish of the same run under other thresholds does not evaluate again)."""
-    from jobs.evaluate.assistant import evaluate, read_heldout
-
-    if not summary.get("merged"):
-        raise PublishError("the gate evaluates the merged model: set output.merge: true (the default)")
-    settings = {"base": base, "tuned": summary["merged"], "heldout": locate(gate.heldout).uri,
-                "ppl_limit": gate.ppl_limit, "max_tokens": gate.max_tokens}
-    saved = run.join("assistant_eval", "gate.json")
-    if saved.is_file():
-        previous = json.loads(saved.read_text())
-        if previous.get("settings") == settings:
-            log.info("gate: the evaluation of this run with these settings exists (%s); reusing it", saved.uri)
-            return previous["result"]
-    from cluster.local import connect
-
-    connect(logging_level=logging.WARNING)
-    identity, general, owner = read_heldout(gate.heldout)
-    log.info("gate: evaluating %s against %s (%d identity and %d general questions, %s GSM8K answers)",
-             settings["tuned"], base, len(identity), len(general), gate.ppl_limit or "all")
-    result, _, _ = evaluate(base, summary["merged"], identity, general, owner, gate.ppl_limit, gate.max_tokens)
-    saved.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
-    return result
+    try:
+        return evaluator(gate.evaluator)(gate, base, summary, run)
+    except GateError as exc:
+        raise PublishError(str(exc)) from None
 
 
 def adapter_uri(summary: dict) -> str:
