@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -360,8 +361,11 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
     result = finetune(config)
     assert result.returncode == 0, result.stderr[-4000:]
     logged = metrics(run_dir)
-    assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(m.get("distill_kl", 0) >= 0 for m in logged)
-    assert any("distill_kl" in m for m in logged)
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    # The KL is measured, finite and not identically zero: once the weights move, the tuned model's
+    # distribution differs from the base's stored one (a KL term that computed nothing would log 0 or none).
+    kls = [m["distill_kl"] for m in logged if "distill_kl" in m]
+    assert kls and all(math.isfinite(kl) and 0 <= kl < 10 for kl in kls) and max(kls) > 0, kls
     if hinge:  # off for steps 1-2, on for 3-4
         assert not any("distill_margin" in m for m in logged[:2]) and any("distill_margin" in m for m in logged[2:])
     else:

@@ -123,14 +123,25 @@ def test_a_fine_tune_is_published_through_its_gate_without_a_restart(server, ass
     assert OWNER not in _text(_ask(server, MODEL_ID))
 
 
-def test_a_failing_gate_publishes_nothing(server, assistant_weights):
-    done = _publish(server, assistant_weights, "assistant-refused", min_identity=1.0, max_ppl_change=-0.5)
+@pytest.mark.parametrize("check", ["min_identity", "min_general_same_start", "max_general_names_owner",
+                                   "max_ppl_change"])
+def test_each_gate_check_alone_refuses(server, assistant_weights, check):
+    """Each threshold set just past what the run measured (the evaluation above, reused) refuses the adapter
+    on its own, naming that threshold alone; nothing is published."""
+    figures = json.loads((_run_dir(assistant_weights) / "assistant_eval" / "gate.json").read_text())["result"]
+    tuned = next(r for r in figures["rows"] if r["model"] == "tuned")
+    past = {"min_identity": tuned["identity"] + 0.01, "min_general_same_start": tuned["general_same_start"] + 0.01,
+            "max_general_names_owner": tuned["general_names_owner"] - 1, "max_ppl_change": figures["ppl_change"] - 0.01}
+    if past[check] > 1 or past[check] < 0 and check != "max_ppl_change":  # e.g. identity already 100%
+        pytest.skip(f"the run's figure leaves no threshold past it for {check}: {past[check]}")
+    adapter_id = f"refused-{check.replace('_', '-')}"
+    done = _publish(server, assistant_weights, adapter_id, **{check: past[check]})
     assert done.returncode == 3, done.stderr[-3000:]
-    assert "nothing was published" in done.stderr and "max_ppl_change" in done.stderr
+    assert "nothing was published" in done.stderr, done.stderr[-3000:]
     record = json.loads((_run_dir(assistant_weights) / "publish.json").read_text())
-    assert record["published"] is False and record["reasons"]
-    assert "assistant-refused" not in _listed(server)
-    assert "assistant-refused" not in _adapters(server)
+    assert record["published"] is False and len(record["reasons"]) == 1 and check in record["reasons"][0], record
+    assert adapter_id not in _listed(server)
+    assert adapter_id not in _adapters(server)
 
 
 def test_two_adapters_take_turns_through_a_cache_of_one(server, variants):

