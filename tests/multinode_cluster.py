@@ -89,6 +89,11 @@ class Cluster:
         return {name: [(r.get("node_ip"), r["state"]) for r in dep["replicas"]]  # no IP while pending
                 for name, dep in details["deployments"].items()}
 
+    def replica_ids(self, deployment: str, app: str = "tuneserve") -> dict[str, str]:
+        """Serve's replica id (the one its routers hash) -> node IP, for the running replicas of `deployment`."""
+        details = self.dashboard("/api/serve/applications/")["applications"][app]["deployments"][deployment]
+        return {r["replica_id"]: r.get("node_ip") for r in details["replicas"] if r["state"] == "RUNNING"}
+
     def proxies(self) -> dict[str, str]:
         """Serve proxy status by node IP (Serve runs one on the head and on each node holding a replica)."""
         return {p["node_ip"]: p["status"] for p in self.dashboard("/api/serve/applications/")["proxies"].values()}

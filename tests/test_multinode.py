@@ -294,15 +294,19 @@ def _post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
     return answer.status_code, answer.json()
 
 
-async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s: float) -> None:
+PROMPT = [{"role": "user", "content": "Count from one to thirty in words."}]
+
+
+async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s: float, session: str = "") -> None:
     """One streamed chat request, classified: ok, error_event (an error event then [DONE]), http_<status>,
     broken (the stream ended without [DONE]) or hung (no end within bound_s)."""
-    record = {"url": base_url, "start": time.monotonic(), "first_byte": None, "end": None}
-    body = {"model": model, "messages": [{"role": "user", "content": "Count from one to thirty in words."}],
-            "max_tokens": 48, "temperature": 0, "stream": True}
+    record = {"url": base_url, "session": session, "start": time.monotonic(), "first_byte": None, "end": None}
+    body = {"model": model, "messages": PROMPT, "max_tokens": 48, "temperature": 0, "stream": True}
+    headers = {"X-Session-Id": session} if session else {}
     try:
         async with asyncio.timeout(bound_s):
-            async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+            async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body,
+                                     headers=headers) as response:
                 if response.status_code != 200:
                     await response.aread()
                     record["outcome"] = f"http_{response.status_code}"
@@ -328,7 +332,8 @@ async def _one_stream(client, base_url: str, model: str, outcomes: list, bound_s
 
 
 async def _load(urls: list[str], model: str, streams: int, stop_at: float, max_requests: int, bound_s: float,
-                key: str):
+                key: str, sessions: list[str] | None = None):
+    """`streams` clients streaming back to back until `stop_at`; client i in session sessions[i], if given."""
     import httpx
 
     outcomes: list[dict] = []
@@ -339,7 +344,8 @@ async def _load(urls: list[str], model: str, streams: int, stop_at: float, max_r
         async with httpx.AsyncClient(timeout=httpx.Timeout(bound_s), headers={"Authorization": f"Bearer {key}"}) as client:
             while time.monotonic() < stop_at and sent < max_requests:
                 sent += 1
-                await _one_stream(client, urls[i % len(urls)], model, outcomes, bound_s)
+                await _one_stream(client, urls[i % len(urls)], model, outcomes, bound_s,
+                                  sessions[i] if sessions else "")
 
     await asyncio.gather(*(worker(i) for i in range(streams)))
     return outcomes
@@ -397,10 +403,28 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
             assert time.monotonic() < deadline, f"the second replica never ran: {engines}"
             await asyncio.sleep(2)
 
+    def sessions_on_each_replica() -> dict[str, list[str]]:
+        """Three session ids whose home is each engine replica, by the router's own hashing, so that the
+        kill finds streams on the dead replica and on the live one."""
+        from serve_app.replica_router import rendezvous_order, routing_key
+
+        replicas = cluster.replica_ids(f"Engine:{MODEL_ID}")
+        homes: dict[str, list[str]] = {ip: [] for ip in replicas.values()}
+        for n in range(200):
+            session = f"session-{n}"
+            home = rendezvous_order(routing_key("chat", {"model": MODEL_ID, "messages": PROMPT}, session),
+                                    list(replicas))[0]
+            if len(homes[replicas[home]]) < 3:
+                homes[replicas[home]].append(session)
+        assert all(len(s) == 3 for s in homes.values()), homes
+        return homes
+
     async def kill_under_load(engines):
         victim_ip = next(ip for ip, _ in engines if ip != first_ip)
+        homes = sessions_on_each_replica()
+        sessions = homes[victim_ip] + homes[first_ip]
         stop = time.monotonic() + 75
-        load = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 300, 90, admin_key))
+        load = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 300, 90, admin_key, sessions))
         await asyncio.sleep(15)
         # The node dies somewhere in [kill_began, killed]: `kill-node` is a fresh Python process (a second
         # or two to start here) that returns once every process of the node is gone.
@@ -408,7 +432,7 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
         await asyncio.to_thread(cluster.local, "kill-node", str(cluster.node_index(victim_ip)))
         killed = time.monotonic()
         outcomes = await load
-        return kill_began, killed, outcomes, victim_ip
+        return kill_began, killed, outcomes, victim_ip, homes
 
     async def scenario():
         engines = await scale_up()
@@ -417,7 +441,7 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
         await asyncio.to_thread(_ask_every_proxy, cluster, port)
         return await kill_under_load(engines)
 
-    kill_began, killed, outcomes, victim_ip = asyncio.run(scenario())
+    kill_began, killed, outcomes, victim_ip, homes = asyncio.run(scenario())
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
@@ -435,6 +459,9 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
     assert all(o["error"]["code"] == "provider_error" and "mid-stream" in o["error"]["message"] for o in errors), errors
     assert all(o["start"] < killed and o["end"] > kill_began for o in errors), (kill_began, killed, errors)
     assert len(errors) <= 6, errors  # at most the streams in flight at the kill (6 clients)
+    # The kill met streams: the three sessions at home on the dead replica streamed back to back, so some were
+    # under way; those of the live replica's sessions never failed.
+    assert errors and {o["session"] for o in errors} <= set(homes[victim_ip]), (errors, homes)
     # Every request sent after the node was gone was answered in full.
     assert all(o["outcome"] == "ok" for o in outcomes if o["start"] > killed), counts
     under_way = [o for o in outcomes if o["first_byte"] and o["first_byte"] < killed < o["end"]]
