@@ -156,7 +156,7 @@ def test_the_margin_holds_the_base_choice_where_the_kl_barely_sees_a_swap():
     assert parts["margin"].item() == pytest.approx(0.1, abs=1e-4)
     assert loss.item() == pytest.approx(2.0 * (parts["kl"].item() + parts["margin"].item()), rel=1e-5)
     assert "margin" not in lm_loss(swapped, labels, distill, 2.0)[1]  # off by default
-    # with a mask (loss.distill_margin_on: openings), only the flagged tokens count
+    # with a mask (loss.margin_hinge.tokens: openings), only the flagged tokens count
     loss, parts = lm_loss(swapped, labels, {**distill, "distill_margin_mask": torch.tensor([False])}, 2.0,
                           margin=0.3, margin_weight=2.0)
     assert "margin" not in parts
@@ -196,18 +196,19 @@ def test_recipe_errors_name_the_setting(tmp_path):
         ("loss.distill_opening_tokens=8",): "distill_opening_tokens needs distill_prompts",
         ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_opening_tokens=-1"):
             "loss.distill_opening_tokens",
-        ("loss.distill_margin_weight=10",): "distill_margin_weight needs distill_prompts",
-        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=10",
-         "loss.distill_margin_on=openings"): "distill_margin_on: openings needs distill_opening_tokens",
-        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_on=answers"):
-            "loss.distill_margin_on",
-        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin=0"): "loss.distill_margin",
-        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=-1"):
-            "loss.distill_margin_weight",
-        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_from=0.5"):
-            "distill_margin_from is set but distill_margin_weight is 0",
-        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.distill_margin_weight=1",
-         "loss.distill_margin_from=1"): "loss.distill_margin_from",
+        ("loss.margin_hinge.weight=10",): "margin_hinge needs distill_prompts",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.margin_hinge.weight=10",
+         "loss.margin_hinge.tokens=openings"): "margin_hinge.tokens: openings needs distill_opening_tokens",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.margin_hinge.weight=1",
+         "loss.margin_hinge.tokens=answers"): "loss.margin_hinge.tokens",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.margin_hinge.weight=1",
+         "loss.margin_hinge.nats=0"): "loss.margin_hinge.nats",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.margin_hinge.weight=-1"):
+            "loss.margin_hinge.weight",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.margin_hinge.start=0.5"):
+            "loss.margin_hinge.weight: Field required",
+        ("loss.distill_weight=1", "loss.distill_prompts=[p.jsonl]", "loss.margin_hinge.weight=1",
+         "loss.margin_hinge.start=1"): "loss.margin_hinge.start",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -353,8 +354,8 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
         run_dir.mkdir(parents=True)
         shutil.copy(seeded, run_dir / "distill_targets.json.gz")
     lr = {"lr": 2e-3} if method == "full" else {}
-    # One combination also runs the greedy-margin hinge, on from halfway (loss.distill_margin_from)
-    hinge = {"distill_margin_weight": 1.0, "distill_margin_from": 0.5} if strategy == "fsdp2" else {}
+    # One combination also runs the greedy-margin hinge, on from halfway (loss.margin_hinge.start)
+    hinge = {"margin_hinge": {"weight": 1.0, "start": 0.5}} if strategy == "fsdp2" else {}
     config = recipe(tmp_path, tiny_llama, data, model={"method": method}, strategy={"name": strategy},
                     scaling={"num_workers": workers}, optim=lr, train={"max_steps": 4}, monitor={"eval_every": None},
                     loss={**loss, **hinge})

@@ -23,7 +23,7 @@ copies, 1), opening_ce (also learn those openings' tokens, cross-entropy: false)
 of distillation rows alone, KL only, after the rest), margin (nats: the hinge `losses.greedy_margin` on every
 distillation token, 0: off), mw (its weight: w), sharpen (the margin itself, not min(the base's lead,
 margin)), margin_openings_only (the hinge on the greedy openings' tokens alone), margin_from (the share of
-steps before the hinge starts, as loss.distill_margin_from), act (weight of a penalty on the adapters' own
+steps before the hinge starts, as loss.margin_hinge.start), act (weight of a penalty on the adapters' own
 output, the mean square of every lora_B's output at the distillation tokens: 0, off), null (a share f of each
 adapted projection's input directions: the adapter reads only the f·d directions in which the base's inputs on the
 distillation answers have the least energy, as AlphaEdit's null-space projection; 0: off), contrast (a share f:
@@ -260,7 +260,7 @@ class Sweep:
         sampled = self.targets(seed, prompts, max_tokens)
         examples = tokenize_conversations(self.tok, self.conversations[:variant.get("identity", len(self.conversations))],
                                           self.row_tokens).examples
-        on_answers = not variant.get("margin_openings_only")  # the hinge's tokens, as loss.distill_margin_on
+        on_answers = not variant.get("margin_openings_only")  # the hinge's tokens, as loss.margin_hinge.tokens
         examples += [to_example(t, self.row_tokens, variant.get("sample_ce", True), margin=on_answers)
                      for t in sampled]
         for source, k in (("sampled", variant.get("sampled_openings")), ("greedy", variant.get("greedy_openings"))):
@@ -297,7 +297,7 @@ class Sweep:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(SimpleNamespace(optim=optim), total))
         model.train()
         steps = 0
-        hinge_from = int(variant.get("margin_from", 0.0) * total)  # as loss.distill_margin_from
+        hinge_from = int(variant.get("margin_from", 0.0) * total)  # as loss.margin_hinge.start
         for data, epoch in plan:
             per_epoch = len(data) // accumulation
             order = worker_rows(data, epoch, seed, 0, 1, per_epoch * accumulation)  # the loop's data order

@@ -31,7 +31,7 @@ class Example:
     position_ids: list[int] = field(default_factory=list)
     teacher_ids: list[list[int]] = field(default_factory=list)  # [] or one (possibly empty) list per token
     teacher_logprobs: list[list[float]] = field(default_factory=list)
-    # [] or one flag per token: the greedy-margin hinge applies to that token's target (loss.distill_margin_on)
+    # [] or one flag per token: the greedy-margin hinge applies to that token's target (loss.margin_hinge.tokens)
     teacher_margin: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -73,6 +73,21 @@ class OptimSection(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
+class MarginHinge(Strict):
+    """Experimental: keep the base's greedy choices. On every distillation token, `weight` x a hinge that is
+    zero while the base's top token leads the tuned model's distribution by min(the base's own lead, `nats`)
+    nats. The KL barely sees near-ties, and near-ties are where greedy answers part. In the assistant recipe
+    it held the openings and blocked the identity (docs/notes/finetune-experiments.md)."""
+
+    weight: float = Field(gt=0)
+    nats: float = Field(0.3, gt=0)
+    # its tokens: every distillation token, or the greedy openings' only (needs distill_opening_tokens)
+    tokens: Literal["all", "openings"] = "all"
+    # When it starts, as a share of the run's optimizer steps: 0.5 turns it on halfway, after the identity
+    # has been learned without it (on from the start it blocked the identity).
+    start: float = Field(0.0, ge=0, lt=1)
+
+
 class LossSection(Strict):
     """Self-distillation: besides learning its data, the tuned model keeps the base model's next-token
     distribution on general prompts. Before training the base answers each prompt (vLLM, at
@@ -96,18 +111,8 @@ class LossSection(Strict):
     # example per prompt). Greedy decoding of the tuned model parts from the base's mostly where an answer
     # opens, and once it has, the rest of the answer follows the new opening. 0: off.
     distill_opening_tokens: int = Field(0, ge=0)
-    # Keep the base's greedy choices: on every distillation token, distill_margin_weight x a hinge that is zero
-    # while the base's top token leads the tuned model's distribution by min(the base's own lead,
-    # distill_margin) nats. The KL barely sees near-ties, and near-ties are where greedy answers part. In
-    # the assistant recipe it held the openings and blocked the identity (docs/notes/finetune-experiments.md).
-    # Weight 0: off.
-    distill_margin_weight: float = Field(0.0, ge=0)
-    distill_margin: float = Field(0.3, gt=0)
-    # its tokens: every distillation token, or the greedy openings' only (needs distill_opening_tokens)
-    distill_margin_on: Literal["all", "openings"] = "all"
-    # When the hinge starts, as a share of the run's optimizer steps: 0.5 turns it on halfway, after the
-    # identity has been learned without it (on from the start it blocked the identity).
-    distill_margin_from: float = Field(0.0, ge=0, lt=1)
+    # Experimental, off unless set: no shipped recipe uses it.
+    margin_hinge: MarginHinge | None = None
 
     @model_validator(mode="after")
     def _prompts_with_weight(self) -> "LossSection":
@@ -116,15 +121,12 @@ class LossSection(Strict):
         if self.distill_prompts and self.distill_weight == 0:
             raise ValueError("distill_prompts are given but distill_weight is 0, so they would be ignored; "
                              "set distill_weight (1.0 is a good start)")
-        if self.distill_margin_weight and not self.distill_prompts:
-            raise ValueError("distill_margin_weight needs distill_prompts and distill_weight: it keeps the base's top "
+        if self.margin_hinge and not self.distill_prompts:
+            raise ValueError("margin_hinge needs distill_prompts and distill_weight: it keeps the base's top "
                              "token first along the base's answers to those prompts")
-        if self.distill_margin_on == "openings" and self.distill_margin_weight and not self.distill_opening_tokens:
-            raise ValueError("distill_margin_on: openings needs distill_opening_tokens (the greedy openings "
+        if self.margin_hinge and self.margin_hinge.tokens == "openings" and not self.distill_opening_tokens:
+            raise ValueError("margin_hinge.tokens: openings needs distill_opening_tokens (the greedy openings "
                              "it holds)")
-        if self.distill_margin_from and not self.distill_margin_weight:
-            raise ValueError("distill_margin_from is set but distill_margin_weight is 0, so there is no hinge to "
-                             "start; set distill_margin_weight")
         if self.distill_opening_tokens and not self.distill_prompts:
             raise ValueError("distill_opening_tokens needs distill_prompts and distill_weight: the openings are "
                              "the base's answers to those prompts")

@@ -134,7 +134,8 @@ def answer_sequences(cfg: FinetuneConfig, run: Location) -> list[list[int]]:
 def stored_examples(cfg: FinetuneConfig, targets: list[dict], openings: list[dict]) -> list[Example]:
     """The training examples of stored targets: each answer (its sampled tokens as labels with
     `distill_sample_ce`), then each greedy opening (KL only)."""
-    on_answers = cfg.loss.distill_margin_on == "all"  # the greedy-margin hinge's tokens (when it is on)
+    hinge = cfg.loss.margin_hinge
+    on_answers = hinge is None or hinge.tokens == "all"  # the greedy-margin hinge's tokens (when it is on)
     examples = [to_example(t, cfg.data.max_length, cfg.loss.distill_sample_ce, margin=on_answers) for t in targets]
     examples += [to_example(t, cfg.data.max_length, sample_ce=False, margin=True) for t in openings]
     return [example for example in examples if example.distilled]  # prompts longer than max_length: nothing left

@@ -269,7 +269,8 @@ def train_loop(loop_config: dict) -> None:
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=start_step, desc="fine-tune", unit="step", mininterval=2)
-    hinge_from = int(cfg.loss.distill_margin_from * total_steps)  # a step count, so a resumed run agrees
+    hinge = cfg.loss.margin_hinge
+    hinge_from = int(hinge.start * total_steps) if hinge else 0  # a step count, so a resumed run agrees
     window_tokens, window_s = 0.0, 0.0  # tokens/s over compute time only (not evaluation or checkpoints)
     step = start_step
     while step < total_steps:

@@ -92,7 +92,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, distill: dict | None, di
         kl = distill_kl(logits, at, distill["distill_ids"], distill["distill_logprobs"])
         loss = loss + distill_weight * kl
         parts["kl"] = kl.detach()
-        # the hinge on the tokens flagged for it (loss.distill_margin_on), or on every one
+        # the hinge on the tokens flagged for it (loss.margin_hinge.tokens), or on every one
         hinged = distill.get("distill_margin_mask")
         hinged = torch.ones(len(at), dtype=torch.bool, device=at.device) if hinged is None else hinged
         if margin > 0 and margin_weight > 0 and hinged.any():

@@ -93,9 +93,10 @@ class Strategy:
             labels = batch.pop("labels")
             positions = loss_positions(labels, distill)
             logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
+            hinge = self.cfg.loss.margin_hinge
             return lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions,
-                           margin=self.cfg.loss.distill_margin,
-                           margin_weight=self.cfg.loss.distill_margin_weight if hinge_on else 0.0)
+                           margin=hinge.nats if hinge else 0.0,
+                           margin_weight=hinge.weight if hinge and hinge_on else 0.0)
 
     def autocast(self):
         """bf16/fp16 matmuls on GPUs for fp32 adapters over a half-precision base; nothing on CPU (fp32)."""
