@@ -11,11 +11,10 @@
     python -m jobs.bench prefix --routings power_of_two,round_robin,prefix --replicas 2 --sessions 16
     python -m jobs.bench quantize --contender fp32=default --contender w8a8=runs/quantized/smollm2-w8a8
 
-Four more are modules of their own:
+Three more are modules of their own:
 
     python -m jobs.bench.train_step --config jobs/configs/assistant_cpu.yaml --compare logits|attention  (fine-tune step)
     python -m jobs.bench.answer_nll --limit 400 --rounds 2      (GSM8K answer NLL: vLLM prompt logprobs vs packed rows)
-    python -m jobs.bench.recipe_sweep --model /tmp/smol --variants '[...]'      (recipe variants vs the base, GPU)
     python -m jobs.bench.storage_download                                       (a model from S3: 1 MiB reads vs 64 MiB)
 """
 
