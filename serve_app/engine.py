@@ -50,10 +50,14 @@ def cpu_cores_for_replica(num_cpus: float, world_size: int, local_rank: int, all
 
 def _bind_cpu_engine(model: ModelConfig) -> None:
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:  # the operator's own binding wins
         return
-    context = serve.get_replica_context()
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:  # an engine outside Serve (tests/test_vllm_compat.py): alone, vLLM's own binding
+        return
     cores = cpu_cores_for_replica(model.resources.num_cpus, context.world_size, context.rank.local_rank,
                                   sorted(os.sched_getaffinity(0)))
     if cores is not None:
