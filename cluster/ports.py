@@ -40,15 +40,15 @@ class LocalRayPorts(BaseModel):
                    min_worker=int(low), max_worker=int(high))
 
 
-
 # Ports handed out by free_port: from here up to the kernel's ephemeral range, so above Ray's default
 # worker ports (10002-19999) and the tests' pinned port blocks (20000-23999). A port the kernel picked
 # (bind to 0) can be taken by any outgoing connection or by Ray's own port picking before our server binds
 # it; CI once lost the dashboard of a job's own Ray that way.
 FREE_PORT_LOW = 24000
-# Serve's direct ingress gives ingress replicas HTTP ports from this range (Ray's default): a port handed
-# out here could be taken by a replica before our server binds it.
-DIRECT_INGRESS_HTTP_PORTS = range(30000, 31001)
+# Serve's direct ingress gives ingress replicas HTTP ports from this range (Ray's settings, read as Ray reads
+# them): a port handed out here could be taken by a replica before our server binds it.
+DIRECT_INGRESS_HTTP_PORTS = range(int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")),
+                                  int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000")) + 1)
 
 
 def _ephemeral_low() -> int:

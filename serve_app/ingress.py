@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.live_adapters import LiveAdapters, adapter_object
-from serve_app.lora_registry import AdapterRequest
 from serve_app.auth import KeyStore, check_exposure, is_loopback, serve_listen_host
 from serve_app.config import LOCAL_PROVIDER, AppConfig, engine_deployment_name
+from serve_app.live_adapters import LiveAdapters, adapter_object
+from serve_app.lora_registry import AdapterRequest
 from serve_app.metrics import ServingMetrics, cluster_exposition
 from serve_app.protocol import REQUEST_MODELS, APIError, format_validation_error
 from serve_app.providers.local import LocalEngineProvider

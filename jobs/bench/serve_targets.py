@@ -54,6 +54,16 @@ class EngineSpec:
         return kwargs
 
 
+def _stop(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def fake_upstream(name: str, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen]]:
     """The test suite's OpenAI-compatible fake (tests/upstream.py: fast `echo`, and faults on demand) in
@@ -66,12 +76,7 @@ def fake_upstream(name: str, workers: int = 1) -> Iterator[tuple[str, subprocess
         wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout_s=60, process=process)
         yield f"http://127.0.0.1:{port}/v1", process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process, timeout_s=10)
 
 
 @contextlib.contextmanager
@@ -105,11 +110,7 @@ def raw_vllm(spec: EngineSpec, with_router: bool = False, process_info: dict | N
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}; vLLM's log: {log.name}") from None
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process, timeout_s=30)
 
 
 @contextlib.contextmanager
@@ -205,11 +206,7 @@ def tuneserve_from_checkout(spec: EngineSpec, checkout: str, **options) -> Itera
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}; the app's log: {log.name}") from None
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=120)  # Serve and Ray shut down; the GPU must be free for the next target
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process, timeout_s=120)  # Serve and Ray shut down; the GPU must be free for the next target
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import logging
 import random
 import tempfile
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -144,7 +144,7 @@ class StepFigures:
     """One optimizer step's figures on one worker, summed over the workers by `reduced`."""
 
     loss: float = 0.0  # mean over the step's micro-batches
-    tokens: float = 0.0  # since the last logged step, padding not counted
+    tokens: float = 0.0  # padding not counted; the loop reports those since the last logged step
     kl: float = 0.0  # distillation KL, mean over the micro-batches that had distillation tokens
     kl_workers: float = 0.0  # workers whose step had any (so the mean is over those)
     margin: float = 0.0  # the greedy-margin hinge, likewise
@@ -279,13 +279,12 @@ def train_loop(loop_config: dict) -> None:
         for step_in_epoch in range(offset, min(steps_per_epoch, offset + total_steps - step)):
             started = time.perf_counter()
             first = step_in_epoch * rows_per_step
-            figures, grad_norm = _train_step(cfg, strategy, mine[first:first + rows_per_step], pad_id, width,
-                                             device, hinge_on=step >= hinge_from)
+            own, grad_norm = _train_step(cfg, strategy, mine[first:first + rows_per_step], pad_id, width,
+                                         device, hinge_on=step >= hinge_from)
             step += 1
-            window_tokens += figures.tokens
+            window_tokens += own.tokens  # this worker's step
             window_s += time.perf_counter() - started
-            figures.tokens = window_tokens
-            figures = figures.reduced(world, device)
+            figures = replace(own, tokens=window_tokens).reduced(world, device)
             if rank == 0:
                 progress.update(1)
             if step % cfg.monitor.log_every == 0 or step == total_steps:
