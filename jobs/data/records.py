@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = {"system", "user", "assistant"}
@@ -137,6 +138,51 @@ def read_prompts(source: str | Path) -> list[Conversation]:
     if not prompts:
         raise DataError(f"{source}: no records")
     return prompts
+
+
+@dataclass
+class Preference:
+    """One preference pair: the conversation so far, and the answer preferred to the other."""
+
+    prompt: Conversation
+    preferred: str
+    non_preferred: str
+
+
+def _single_answer(value: object, where: str, key: str) -> str:
+    if (not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict)
+            or value[0].get("role") != "assistant" or not isinstance(value[0].get("content"), str)):
+        raise DataError(f"{where}: '{key}' must be a list of one assistant message with string content")
+    return value[0]["content"]
+
+
+def to_preference(record: object, where: str) -> Preference:
+    """OpenAI's preference format: {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
+    ...}], "non_preferred_output": [...]}; the input ends with a user turn."""
+    if not isinstance(record, dict) or not isinstance(record.get("input"), dict):
+        raise DataError(f"{where}: a preference record needs 'input' (an object with 'messages'), "
+                        f"'preferred_output' and 'non_preferred_output'")
+    messages = record["input"].get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'input.messages' must be a non-empty list")
+    checked = _check_messages(messages + [{"role": "assistant", "content": ""}], where)[:-1]
+    if checked[-1]["role"] != "user":
+        raise DataError(f"{where}: 'input.messages' must end with a user message (the turn both answers answer)")
+    preferred = _single_answer(record.get("preferred_output"), where, "preferred_output")
+    non_preferred = _single_answer(record.get("non_preferred_output"), where, "non_preferred_output")
+    if preferred == non_preferred:
+        raise DataError(f"{where}: the preferred and non-preferred answers are the same")
+    return Preference(checked, preferred, non_preferred)
+
+
+def read_preferences(source: str | Path) -> list[Preference]:
+    """All preference pairs of one source (.json/.jsonl or `hf:<dataset>[:split]`)."""
+    source = str(source)
+    records = _hf_records(source) if source.startswith(HF_PREFIX) else _json_records(read_text(source), source)
+    pairs = [to_preference(record, where) for record, where in records]
+    if not pairs:
+        raise DataError(f"{source}: no records")
+    return pairs
 
 
 def read_text(source: str) -> str:

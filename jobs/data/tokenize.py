@@ -9,6 +9,10 @@ Distillation targets: an example may carry, per token, the teacher's top-k next-
 (`teacher_ids`, `teacher_logprobs`, aligned with `input_ids` like `labels`; empty where there is none).
 Such tokens are trained towards the teacher's distribution instead of their own id (jobs/finetune/losses.py).
 
+Preference pairs (`objective: dpo`): one row holds both conversations of a pair, each with labels on its final
+answer only and `pair_side` marking which answer a label belongs to; position ids restart at the second, so
+it does not attend to the first. Pairs are not packed with each other.
+
 Packing: whole examples are packed first-fit into rows of `max_length` tokens with `position_ids`
 restarting at 0 for each example. Transformers turns restarting position ids into a block-diagonal
 causal mask, so packed examples do not attend to each other.
@@ -19,9 +23,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from jobs.data.records import Conversation, DataError
+from jobs.data.records import Conversation, DataError, Preference
 
 IGNORE = -100
+PREFERRED, NON_PREFERRED = 1, 2  # Example.pair_side marks
 
 
 @dataclass
@@ -33,6 +38,8 @@ class Example:
     teacher_logprobs: list[list[float]] = field(default_factory=list)
     # [] or one flag per token: the greedy-margin hinge applies to that token's target (loss.margin_hinge.tokens)
     teacher_margin: list[bool] = field(default_factory=list)
+    # Preference pairs: [] or one mark per token, PREFERRED or NON_PREFERRED on each answer token, 0 elsewhere
+    pair_side: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.position_ids:
@@ -83,9 +90,11 @@ def assistant_spans(tokenizer, messages: Conversation) -> tuple[str, list[tuple[
     return text, spans
 
 
-def encode(tokenizer, messages: Conversation, max_length: int) -> tuple[Example, bool]:
-    """One conversation → token ids and assistant-only labels, cut to `max_length`."""
+def encode(tokenizer, messages: Conversation, max_length: int, last_turn_only: bool = False) -> tuple[Example, bool]:
+    """One conversation → token ids and assistant-only labels (the last assistant turn's only, if asked),
+    cut to `max_length`."""
     text, spans = assistant_spans(tokenizer, messages)
+    spans = spans[-1:] if last_turn_only else spans
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = []
@@ -105,6 +114,40 @@ def tokenize_conversations(tokenizer, conversations: list[Conversation], max_len
             dropped += 1
             continue
         examples.append(example)
+    return TokenizedData(examples, dropped, truncated)
+
+
+def encode_pair(tokenizer, pair: Preference, max_length: int) -> tuple[Example | None, bool]:
+    """A preference pair → one row holding both conversations, each cut to `max_length`, with position ids
+    restarting at the second (so that it does not attend to the first), labels on each final answer and
+    `pair_side` telling which answer a label belongs to. None when either answer has no token left."""
+    sides = []
+    truncated = False
+    for mark, answer in ((PREFERRED, pair.preferred), (NON_PREFERRED, pair.non_preferred)):
+        example, cut = encode(tokenizer, pair.prompt + [{"role": "assistant", "content": answer}], max_length,
+                              last_turn_only=True)
+        truncated |= cut
+        if example.supervised == 0:
+            return None, truncated
+        sides.append((mark, example))
+    row = Example([], [], [])
+    for mark, example in sides:
+        row.input_ids += example.input_ids
+        row.labels += example.labels
+        row.position_ids += example.position_ids
+        row.pair_side += [mark if label != IGNORE else 0 for label in example.labels]
+    return row, truncated
+
+
+def tokenize_preferences(tokenizer, pairs: list[Preference], max_length: int) -> TokenizedData:
+    examples, dropped, truncated = [], 0, 0
+    for pair in pairs:
+        row, was_truncated = encode_pair(tokenizer, pair, max_length)
+        truncated += was_truncated
+        if row is None:
+            dropped += 1
+        else:
+            examples.append(row)
     return TokenizedData(examples, dropped, truncated)
 
 
@@ -162,6 +205,8 @@ def collate(rows: list[Example], pad_id: int, width: int | None = None, multiple
         "labels": torch.tensor(labels),
         "position_ids": torch.tensor(position_ids),
     }
+    if any(row.pair_side for row in rows):
+        batch["pair_side"] = torch.tensor([row.pair_side + [0] * (width - len(row.pair_side)) for row in rows])
     targets = [(b, t, ids, logprobs, margin) for b, row in enumerate(rows) if row.teacher_ids
                for t, (ids, logprobs, margin) in enumerate(zip(row.teacher_ids, row.teacher_logprobs,
                                                                row.margin_flags())) if ids]

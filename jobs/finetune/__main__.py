@@ -1,5 +1,6 @@
 """Fine-tune a causal LM on Ray Train: LoRA, QLoRA (bitsandbytes 4/8-bit) or full fine-tuning, with DDP,
-DeepSpeed ZeRO-2/3 or FSDP2 across the workers of `scaling`.
+DeepSpeed ZeRO-2/3 or FSDP2 across the workers of `scaling`, on demonstrations (supervised) or on preference
+pairs (`objective: dpo`).
 
   python -m jobs.finetune --config jobs/configs/assistant_cpu.yaml [key.sub=value ...]
   ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/<recipe>.yaml
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from cluster import storage
 from cluster.storage import Location
-from jobs.data.records import DataError, read_conversations
+from jobs.data.records import DataError, read_conversations, read_preferences
 from jobs.export.hf import ExportError, is_hf_model_folder, merge_adapter
 from jobs.finetune.config import (
     ConfigError,
@@ -54,17 +55,23 @@ def prepare_examples(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
     """Read and tokenise (assistant-only labels) the training data in the driver."""
     from transformers import AutoTokenizer
 
-    from jobs.data.tokenize import tokenize_conversations
+    from jobs.data.tokenize import tokenize_conversations, tokenize_preferences
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if not tokenizer.chat_template:
         raise DataError(f"{model_path}: the tokenizer has no chat template to render conversations with")
-    conversations = [c for source in cfg.data.train for c in read_conversations(source)]
-    data = tokenize_conversations(tokenizer, conversations, cfg.data.max_length)
+    if cfg.objective == "dpo":  # preference pairs: one row each, both answers in it
+        pairs = [p for source in cfg.data.train for p in read_preferences(source)]
+        data = tokenize_preferences(tokenizer, pairs, cfg.data.max_length)
+        read = {"pairs": len(pairs)}
+    else:
+        conversations = [c for source in cfg.data.train for c in read_conversations(source)]
+        data = tokenize_conversations(tokenizer, conversations, cfg.data.max_length)
+        read = {"conversations": len(conversations)}
     if not data.examples:
         raise DataError(f"no example has a supervised (assistant) token left after truncation to "
                         f"{cfg.data.max_length} tokens ({data.dropped} dropped); raise data.max_length")
-    stats = {"conversations": len(conversations), "examples": len(data.examples), "dropped": data.dropped,
+    stats = {**read, "examples": len(data.examples), "dropped": data.dropped,
              "truncated": data.truncated, "tokens": sum(len(e.input_ids) for e in data.examples)}
     return data.examples, stats
 
@@ -72,6 +79,8 @@ def prepare_examples(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
 def to_rows(cfg: FinetuneConfig, examples: list) -> list:
     from jobs.data.tokenize import pack
 
+    if cfg.objective == "dpo":  # a row is one pair, whose rewards are read per row
+        return examples
     return pack(examples, cfg.data.max_length, cfg.data.shuffle_seed) if cfg.data.packing else examples
 
 

@@ -133,6 +133,17 @@ class LossSection(Strict):
         return self
 
 
+class DpoSection(Strict):
+    """`objective: dpo`: learn from preference pairs (OpenAI's preference format) instead of demonstrations.
+    The reference model is the base with the adapter disabled, so LoRA and QLoRA hold no second copy;
+    `loss_type: simpo` needs no reference, and so also trains full models (jobs/finetune/losses.py)."""
+
+    beta: float = Field(0.1, gt=0)  # how far from the reference the implicit reward lets the policy move
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid: the share of pairs assumed mislabelled
+    simpo_gamma: float = Field(0.5, ge=0)  # simpo: the reward margin the preferred answer must clear
+
+
 class TrainSection(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
@@ -239,6 +250,9 @@ class PublishSection(Strict):
 
 
 class FinetuneConfig(Strict):
+    # sft: learn the data's assistant turns (demonstrations); dpo: learn which of two answers is preferred
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DpoSection = DpoSection()
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
     quant: QuantSection = QuantSection()
@@ -252,6 +266,13 @@ class FinetuneConfig(Strict):
     monitor: MonitorSection = MonitorSection()
     output: OutputSection = OutputSection()
     publish: PublishSection | None = None
+
+    @model_validator(mode="after")
+    def _objective_settings(self) -> "FinetuneConfig":
+        if self.objective != "dpo" and self.dpo != DpoSection():
+            raise ValueError("dpo settings are given but objective is sft, so they would be ignored; set "
+                             "objective: dpo")
+        return self
 
     def run_location(self):
         """The run's folder in storage (cluster/storage.py)."""
@@ -292,6 +313,14 @@ def check_supported(cfg: FinetuneConfig) -> None:
         if not cfg.loss.distill_prompts:
             raise ConfigError("lora.input_share needs loss.distill_prompts: the base's answers to them are the "
                               "general text whose input directions the adapter avoids")
+    if cfg.objective == "dpo":
+        if cfg.loss.distill_weight:
+            raise ConfigError("objective dpo does not combine with loss.distill_weight: the reference model "
+                              "already holds the policy near the base; set loss.distill_weight=0")
+        if cfg.model.method == "full" and cfg.dpo.loss_type != "simpo":
+            raise ConfigError(f"objective dpo with dpo.loss_type={cfg.dpo.loss_type} needs a reference model, "
+                              "which is the base with the adapter disabled; method full has no adapter to "
+                              "disable: use method lora or qlora, or dpo.loss_type=simpo (reference-free)")
     if cfg.model.method == "full" and cfg.output.merge_dtype:
         raise ConfigError("output.merge_dtype applies to adapter methods (lora, qlora) only")
 

@@ -149,6 +149,13 @@ class StepFigures:
     kl_workers: float = 0.0  # workers whose step had any (so the mean is over those)
     margin: float = 0.0  # the greedy-margin hinge, likewise
     margin_workers: float = 0.0
+    # objective dpo: the implicit rewards of the preferred and non-preferred answers, their margin, and the
+    # share of pairs whose preferred answer has the higher reward; means over the micro-batches
+    reward_chosen: float = 0.0
+    reward_rejected: float = 0.0
+    reward_margin: float = 0.0
+    reward_accuracy: float = 0.0
+    pair_workers: float = 0.0
 
     def reduced(self, world: int, device: torch.device) -> "StepFigures":
         if world == 1:
@@ -163,7 +170,13 @@ class StepFigures:
             values["distill_kl"] = round(self.kl / self.kl_workers, 5)
         if self.margin_workers:
             values["distill_margin"] = round(self.margin / self.margin_workers, 5)
+        if self.pair_workers:
+            for name in PAIR_FIGURES:
+                values[name] = round(getattr(self, name) / self.pair_workers, 5)
         return values
+
+
+PAIR_FIGURES = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
 
 def _mean(values: list[torch.Tensor]) -> float:
@@ -223,6 +236,7 @@ def _train_step(cfg: FinetuneConfig, strategy, rows: list[Example], pad_id: int,
     figures and the gradient norm."""
     micro = cfg.train.micro_batch_size
     losses, kls, margins, tokens = [], [], [], 0
+    pairs: dict[str, list[torch.Tensor]] = {name: [] for name in PAIR_FIGURES}
     for i in range(cfg.train.grad_accum):
         chunk = rows[i * micro:(i + 1) * micro]
         tokens += sum(len(row.input_ids) for row in chunk)  # padding not counted
@@ -234,11 +248,16 @@ def _train_step(cfg: FinetuneConfig, strategy, rows: list[Example], pad_id: int,
             kls.append(parts["kl"])
         if "margin" in parts:  # only micro-batches with tokens the hinge is on
             margins.append(parts["margin"])
+        for name in PAIR_FIGURES:
+            if name in parts:
+                pairs[name].append(parts[name])
     grad_norm = strategy.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # so that tokens/s counts this step's GPU work, not a later one's
     figures = StepFigures(loss=_mean(losses), tokens=float(tokens), kl=_mean(kls), kl_workers=float(bool(kls)),
-                          margin=_mean(margins), margin_workers=float(bool(margins)))
+                          margin=_mean(margins), margin_workers=float(bool(margins)),
+                          pair_workers=float(bool(pairs["reward_margin"])),
+                          **{name: _mean(values) for name, values in pairs.items()})
     return figures, grad_norm
 
 

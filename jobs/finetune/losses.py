@@ -101,3 +101,58 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, distill: dict | None, di
             loss = loss + margin_weight * hinge
             parts["margin"] = hinge.detach()
     return loss, parts
+
+
+# -- preference pairs (objective: dpo) --------------------------------------------------------------------------
+
+def pair_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+               pair_side: torch.Tensor) -> torch.Tensor:
+    """[rows, 4]: each row's preferred answer's summed token logprob, the non-preferred one's, and their
+    token counts. `logits` are at `positions` (from `loss_positions`); each row holds one pair."""
+    from jobs.data.tokenize import NON_PREFERRED, PREFERRED
+
+    targets = labels[:, positions + 1]
+    sides = pair_side[:, positions + 1]
+    labelled = targets != IGNORE
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = token_logps * labelled
+    columns = []
+    for side in (PREFERRED, NON_PREFERRED):
+        on_side = (sides == side) & labelled
+        columns.append((token_logps * on_side).sum(-1))
+    for side in (PREFERRED, NON_PREFERRED):
+        columns.append(((sides == side) & labelled).sum(-1).float())
+    return torch.stack(columns, dim=-1)
+
+
+def preference_loss(policy: torch.Tensor, reference: torch.Tensor | None, loss_type: str, beta: float,
+                    label_smoothing: float = 0.0, simpo_gamma: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Mean over the pairs of the preference loss, and its figures (detached): the implicit rewards of the
+    preferred and non-preferred answers, their margin, and how often the preferred one's is higher.
+
+    `policy` and `reference` are `pair_logps` rows. sigmoid (DPO): -log σ(β·m), m the preferred answer's
+    log-ratio to the reference minus the other's (with label smoothing ε: the conservative DPO mix of both
+    directions). ipo: (m − 1/(2β))², on log-ratios averaged per token, as IPO's regression target is.
+    simpo: reference-free, -log σ(β·(mean logprob of the preferred − of the other) − γ)."""
+    chosen, rejected, chosen_n, rejected_n = policy.unbind(-1)
+    if loss_type == "simpo":
+        chosen_reward = beta * chosen / chosen_n.clamp(min=1)
+        rejected_reward = beta * rejected / rejected_n.clamp(min=1)
+        logits = chosen_reward - rejected_reward - simpo_gamma
+        losses = -torch.nn.functional.logsigmoid(logits)
+    else:
+        ref_chosen, ref_rejected = reference[:, 0], reference[:, 1]
+        if loss_type == "ipo":
+            chosen_ratio = (chosen - ref_chosen) / chosen_n.clamp(min=1)
+            rejected_ratio = (rejected - ref_rejected) / rejected_n.clamp(min=1)
+            losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
+        else:
+            chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+            margin = beta * (chosen_ratio - rejected_ratio)
+            losses = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(margin)
+                      - label_smoothing * torch.nn.functional.logsigmoid(-margin))
+        chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
+    figures = {"reward_chosen": chosen_reward.detach().mean(), "reward_rejected": rejected_reward.detach().mean(),
+               "reward_margin": (chosen_reward - rejected_reward).detach().mean(),
+               "reward_accuracy": (chosen_reward > rejected_reward).float().mean()}
+    return losses.mean(), figures

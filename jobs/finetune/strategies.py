@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.finetune.config import FinetuneConfig
-from jobs.finetune.losses import DISTILL_KEYS, lm_loss, loss_positions
+from jobs.finetune.losses import DISTILL_KEYS, lm_loss, loss_positions, pair_logps, preference_loss
 
 
 def lr_lambda(cfg: FinetuneConfig, total_steps: int):
@@ -87,7 +87,10 @@ class Strategy:
 
     def forward(self, batch: dict, hinge_on: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's loss and its parts (detached: `ce`, and with distillation `kl`, and `margin` where
-        the greedy-margin hinge is on and had tokens). Every strategy shares this forward."""
+        the greedy-margin hinge is on and had tokens; for preference pairs the rewards). Every strategy shares
+        this forward."""
+        if "pair_side" in batch:
+            return self._preference_forward(batch)
         distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
         with self.autocast():
             labels = batch.pop("labels")
@@ -97,6 +100,22 @@ class Strategy:
             return lm_loss(logits, labels, distill, self.cfg.loss.distill_weight, positions,
                            margin=hinge.nats if hinge else 0.0,
                            margin_weight=hinge.weight if hinge and hinge_on else 0.0)
+
+    def _preference_forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """objective dpo: each row one pair. The reference's log-probabilities come first, from the same
+        weights with the adapter disabled and no graph; then the policy's, with one."""
+        dpo = self.cfg.dpo
+        pair_side, labels = batch.pop("pair_side"), batch.pop("labels")
+        positions = loss_positions(labels, None)
+        reference = None
+        with self.autocast():
+            if dpo.loss_type != "simpo":
+                with torch.no_grad(), self.base.disable_adapter():
+                    logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
+                    reference = pair_logps(logits, labels, positions, pair_side)
+            logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
+            policy = pair_logps(logits, labels, positions, pair_side)
+        return preference_loss(policy, reference, dpo.loss_type, dpo.beta, dpo.label_smoothing, dpo.simpo_gamma)
 
     def autocast(self):
         """bf16/fp16 matmuls on GPUs for fp32 adapters over a half-precision base; nothing on CPU (fp32)."""
