@@ -98,17 +98,20 @@ def _hf_records(spec: str) -> Iterable[tuple[object, str]]:
         yield record, f"{spec}[{i}]"
 
 
+def _read_all(source: str | Path, parse) -> list:
+    """Every record of one source (a .json/.jsonl file or `hf:<dataset>[:split]`), each through
+    `parse(record, where)`; none is an error."""
+    source = str(source)
+    records = _hf_records(source) if source.startswith(HF_PREFIX) else _json_records(read_text(source), source)
+    parsed = [parse(record, where) for record, where in records]
+    if not parsed:
+        raise DataError(f"{source}: no records")
+    return parsed
+
+
 def read_conversations(source: str | Path) -> list[Conversation]:
     """All conversations of one source: a .json/.jsonl file or `hf:<dataset>[:split]`."""
-    source = str(source)
-    if source.startswith(HF_PREFIX):
-        records = _hf_records(source)
-    else:
-        records = _json_records(read_text(source), source)
-    conversations = [to_conversation(record, where) for record, where in records]
-    if not conversations:
-        raise DataError(f"{source}: no records")
-    return conversations
+    return _read_all(source, to_conversation)
 
 
 def to_prompt(record: object, where: str) -> Conversation:
@@ -132,12 +135,7 @@ def to_prompt(record: object, where: str) -> Conversation:
 def read_prompts(source: str | Path) -> list[Conversation]:
     """All prompts of one source (.json/.jsonl or `hf:<dataset>[:split]`), each a conversation ending in a
     user turn."""
-    source = str(source)
-    records = _hf_records(source) if source.startswith(HF_PREFIX) else _json_records(read_text(source), source)
-    prompts = [to_prompt(record, where) for record, where in records]
-    if not prompts:
-        raise DataError(f"{source}: no records")
-    return prompts
+    return _read_all(source, to_prompt)
 
 
 @dataclass
@@ -177,12 +175,7 @@ def to_preference(record: object, where: str) -> Preference:
 
 def read_preferences(source: str | Path) -> list[Preference]:
     """All preference pairs of one source (.json/.jsonl or `hf:<dataset>[:split]`)."""
-    source = str(source)
-    records = _hf_records(source) if source.startswith(HF_PREFIX) else _json_records(read_text(source), source)
-    pairs = [to_preference(record, where) for record, where in records]
-    if not pairs:
-        raise DataError(f"{source}: no records")
-    return pairs
+    return _read_all(source, to_preference)
 
 
 def read_text(source: str) -> str:
