@@ -53,25 +53,28 @@ def _attempts(cluster: Cluster, run: str) -> list[dict]:
 
 JOB = ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.finetune", "--config",
        "jobs/configs/assistant_cpu.yaml"]
-# Without distillation: its rows carry the base's sampled answers as labels, whose loss does not fall, so
-# the first-against-last loss check below would depend on which rows the two steps drew (it failed so).
+# The recipe as the README runs it, smaller: two workers on two nodes, short rows, few distillation answers.
 # One thread per worker: every node here shares this machine's cores (a real node has its own).
-FAST = ["train.grad_accum=1", "train.torch_threads=1", "data.max_length=256", "monitor.eval_every=null", "checkpoint.every_steps=2",
-        "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn", "loss.distill_weight=0",
-        "loss.distill_prompts=[]", "loss.distill_opening_tokens=0", "lora.target_modules=auto", "lora.input_share=0"]
+FAST = ["train.grad_accum=1", "train.torch_threads=1", "data.max_length=256", "monitor.eval_every=null",
+        "checkpoint.every_steps=2", "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn",
+        "loss.distill_weight=2", "loss.distill_max_tokens=16", "lora.target_modules=auto"]
 
 
 def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster, tmp_path):
     """The README's commands, with relative data paths, from this machine to the head: the data goes to
-    storage, the two training workers run on the two worker nodes, a whole node is killed after the first
-    checkpoint, the worker group restarts from that checkpoint, and a re-submit resumes where it ended."""
+    storage; the base's distillation answers are made by a teacher engine on some node and kept in storage;
+    the two training workers run on the two worker nodes; a whole node is killed after the first checkpoint,
+    the worker group restarts from that checkpoint, and a re-submit resumes where it ended."""
     cluster.run(PYTHON, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", "data/assistant.jsonl",
-                "--count", "60")
+                "--count", "60", "--distill", "8")
     assert cluster.storage_text("data/assistant.jsonl").count("\n") == 60
+    assert cluster.storage_text("data/assistant.distill.jsonl").count("\n") == 8
     submitted = time.monotonic()
-    job = subprocess.Popen([str(BIN / JOB[0]), *JOB[1:], *FAST, "train.max_steps=8", "checkpoint.max_failures=2"],
-                           env={**cluster.base_env, **cluster.env, "PATH": f"{BIN}:{os.environ['PATH']}"},
-                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "job.log"  # a file, not a pipe: nobody reads the job's output until it ends
+    with log_path.open("w") as log:
+        job = subprocess.Popen([str(BIN / JOB[0]), *JOB[1:], *FAST, "train.max_steps=8", "checkpoint.max_failures=2"],
+                               env={**cluster.base_env, **cluster.env, "PATH": f"{BIN}:{os.environ['PATH']}"},
+                               cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 480
         first_step_s = None
@@ -81,7 +84,7 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
                 first_step_s = round(time.monotonic() - submitted, 1)
             if steps and steps[-1] >= 3:
                 break
-            assert job.poll() is None, job.stdout.read()[-4000:]
+            assert job.poll() is None, log_path.read_text()[-4000:]
             assert time.monotonic() < deadline, "training never reached step 3"
             time.sleep(1)
         figure("train_submit_to_first_step_s", first_step_s)
@@ -92,15 +95,17 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
         cluster.local("kill-node", "2")
         while len(_attempts(cluster, "mn")) < 2 or not [m for m in _metrics(cluster, "mn")
                                                          if m["step"] > _attempts(cluster, "mn")[1]["start_step"]]:
-            assert job.poll() is None or job.returncode == 0, job.stdout.read()[-4000:]
+            assert job.poll() is None or job.returncode == 0, log_path.read_text()[-4000:]
             assert time.monotonic() - killed < 480, "no step after the node kill"
             time.sleep(1)
         figure("train_node_kill_to_next_step_s", round(time.monotonic() - killed, 1))
-        output, _ = job.communicate(timeout=600)
+        job.wait(timeout=600)
     finally:
         if job.poll() is None:
             job.kill()
+    output = log_path.read_text()
     assert job.returncode == 0, output[-4000:]
+    assert "distillation targets: 8 base answers" in output, output[-3000:]
     attempts = _attempts(cluster, "mn")
     assert len(attempts) == 2, attempts
     resumed = attempts[1]["start_step"]
@@ -111,12 +116,21 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
     figure("train_steps_redone_after_kill", killed_at_step - resumed)
     summary = json.loads(cluster.storage_text("runs/finetune/mn/summary.json"))
     assert summary["adapter"] == "s3://tuneserve/runs/finetune/mn/adapter"
-    assert summary["final_loss"] < summary["first_loss"]
+    # The distillation data went through storage: the base's 8 answers, and the adapter's input bases made
+    # from them (every adapted projection of SmolLM2's 30 layers: lora.target_modules=auto, all seven).
+    count = ("import gzip, json, sys; from cluster.storage import locate; "
+             "print(len(json.loads(gzip.decompress(locate(sys.argv[1]).read_bytes()))['targets']))")
+    assert cluster.run(PYTHON, "-c", count, "runs/finetune/mn/distill_targets.json.gz").stdout.strip() == "8"
+    bases = ("import io, sys, torch; from cluster.storage import locate; "
+             "print(len(torch.load(io.BytesIO(locate(sys.argv[1]).read_bytes()), weights_only=True)['bases']))")
+    assert cluster.run(PYTHON, "-c", bases, "runs/finetune/mn/input_bases.pt").stdout.strip() == str(30 * 7)
+    assert any("distill_kl" in m for m in _metrics(cluster, "mn"))
 
     cluster.local("start-node", "2")  # the node rejoins; a re-submit with more steps resumes at step 8
     resubmit = cluster.run(str(BIN / JOB[0]), *JOB[1:], *FAST, "train.max_steps=10",
                            env={"PATH": f"{BIN}:{os.environ['PATH']}"})
     assert "resumed from step 8" in resubmit.stdout, resubmit.stdout[-3000:]
+    assert "distillation targets: reusing s3://tuneserve/runs/finetune/mn/" in resubmit.stdout  # not made again
     assert [m["step"] for m in _metrics(cluster, "mn")] == list(range(1, 11))
     assert _attempts(cluster, "mn")[-1]["start_step"] == 8
 
@@ -124,31 +138,12 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
     assert (tmp_path / "mn" / "adapter" / "adapter_config.json").is_file(), pulled.stdout
     assert (tmp_path / "mn" / "merged" / "config.json").is_file()
     assert not list((tmp_path / "mn").glob("checkpoint_*"))
+    # The workers trained it: LoRA's B matrices start at zero, and every one of them moved.
+    from safetensors.torch import load_file
 
-
-def test_distillation_job_trains_on_two_nodes_from_targets_in_storage(cluster):
-    """The recipe's self-distillation on the cluster: the base's answers are made by a teacher engine on
-    some node and kept in storage, and both training workers, one per worker node, train with them."""
-    cluster.run(PYTHON, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", "data/mnd.jsonl",
-                "--count", "12", "--distill", "8")  # identity alone must fill a step's 2 rows
-    assert cluster.storage_text("data/mnd.distill.jsonl").count("\n") == 8
-    # with lora.input_share: the adapter's input bases, made from the same targets, go through storage too
-    distill = [override for override in FAST if not override.startswith(("loss.", "output.", "lora.input_share"))] + [
-        "output.name=mnd", "data.train=[data/mnd.jsonl]", "loss.distill_weight=2", "lora.input_share=0.01",
-        "loss.distill_prompts=[data/mnd.distill.jsonl]", "loss.distill_max_tokens=16", "train.max_steps=2"]
-    result = cluster.run(str(BIN / JOB[0]), *JOB[1:], *distill, env={"PATH": f"{BIN}:{os.environ['PATH']}"})
-    assert "distillation targets: 8 base answers" in result.stdout, result.stdout[-3000:]
-    count = ("import gzip, json, sys; from cluster.storage import locate; "
-             "print(len(json.loads(gzip.decompress(locate(sys.argv[1]).read_bytes()))['targets']))")
-    assert cluster.run(PYTHON, "-c", count, "runs/finetune/mnd/distill_targets.json.gz").stdout.strip() == "8"
-    bases = ("import io, sys, torch; from cluster.storage import locate; "
-             "print(len(torch.load(io.BytesIO(locate(sys.argv[1]).read_bytes()), weights_only=True)['bases']))")
-    # every adapted projection of SmolLM2's 30 layers (the test's lora.target_modules=auto: all seven)
-    assert cluster.run(PYTHON, "-c", bases, "runs/finetune/mnd/input_bases.pt").stdout.strip() == str(30 * 7)
-    attempt = _attempts(cluster, "mnd")[0]
-    assert set(attempt["node_ips"]) == {cluster.node_ip(1), cluster.node_ip(2)}, attempt
-    metrics = _metrics(cluster, "mnd")
-    assert [m["step"] for m in metrics] == [1, 2] and any("distill_kl" in m for m in metrics), metrics
+    weights = load_file(str(tmp_path / "mn" / "adapter" / "adapter_model.safetensors"))
+    moved = [name for name, tensor in weights.items() if "lora_B" in name and tensor.abs().max() > 0]
+    assert moved and len(moved) == sum("lora_B" in name for name in weights), len(moved)
 
 
 def test_evaluate_job_reads_and_writes_storage(cluster):
@@ -254,6 +249,21 @@ def _wait_proxy(cluster: Cluster, ip: str, url: str, timeout_s: float = 120) -> 
             pass
         assert time.monotonic() < deadline, f"the app does not answer at {ip}: {cluster.proxies()}"
         time.sleep(1)
+
+
+def _routing_decisions(base_url: str, key: str) -> dict[str, float]:
+    """The engine router's decisions so far (hit, miss, spilled, no_key), from the app's /metrics."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=60).text
+    decisions: dict[str, float] = {}
+    for line in text.splitlines():
+        found = re.match(r'ray_tuneserve_routing_decisions_total\{.*decision="(\w+)".*\} (\S+)$', line)
+        if found:
+            decisions[found[1]] = decisions.get(found[1], 0) + float(found[2])
+    return decisions
 
 
 def _ask_every_proxy(cluster: Cluster, port: int) -> None:
@@ -423,7 +433,8 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
         victim_ip = next(ip for ip, _ in engines if ip != first_ip)
         homes = sessions_on_each_replica()
         sessions = homes[victim_ip] + homes[first_ip]
-        stop = time.monotonic() + 75
+        stop = time.monotonic() + 50  # 15 s of load, the kill, then 35 s on the live replica
+        spilled_before = await asyncio.to_thread(_routing_decisions, urls[0], admin_key)
         load = asyncio.create_task(_load(urls, MODEL_ID, 6, stop, 300, 90, admin_key, sessions))
         await asyncio.sleep(15)
         # The node dies somewhere in [kill_began, killed]: `kill-node` is a fresh Python process (a second
@@ -432,7 +443,10 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
         await asyncio.to_thread(cluster.local, "kill-node", str(cluster.node_index(victim_ip)))
         killed = time.monotonic()
         outcomes = await load
-        return kill_began, killed, outcomes, victim_ip, homes
+        await asyncio.sleep(3)  # Ray exports the router's counters every second
+        decisions = await asyncio.to_thread(_routing_decisions, urls[0], admin_key)
+        spilled = decisions.get("spilled", 0) - spilled_before.get("spilled", 0)
+        return kill_began, killed, outcomes, victim_ip, homes, (spilled, decisions)
 
     async def scenario():
         engines = await scale_up()
@@ -441,7 +455,7 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
         await asyncio.to_thread(_ask_every_proxy, cluster, port)
         return await kill_under_load(engines)
 
-    kill_began, killed, outcomes, victim_ip, homes = asyncio.run(scenario())
+    kill_began, killed, outcomes, victim_ip, homes, (spilled, decisions) = asyncio.run(scenario())
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
@@ -460,8 +474,10 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
     assert all(o["start"] < killed and o["end"] > kill_began for o in errors), (kill_began, killed, errors)
     assert len(errors) <= 6, errors  # at most the streams in flight at the kill (6 clients)
     # The kill met streams: the three sessions at home on the dead replica streamed back to back, so some were
-    # under way; those of the live replica's sessions never failed.
-    assert errors and {o["session"] for o in errors} <= set(homes[victim_ip]), (errors, homes)
+    # under way. A live replica's session fails only if its request was on the dead one, which the router
+    # does only when it spills a request off a loaded home (counted in its decisions metric).
+    misplaced = [o for o in errors if o["session"] not in homes[victim_ip]]
+    assert errors and len(misplaced) <= spilled, (errors, homes, decisions, spilled)
     # Every request sent after the node was gone was answered in full.
     assert all(o["outcome"] == "ok" for o in outcomes if o["start"] > killed), counts
     under_way = [o for o in outcomes if o["first_byte"] and o["first_byte"] < killed < o["end"]]
