@@ -19,15 +19,21 @@ and each alone), `disconnects` (before the first byte, mid-stream, during a non-
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
 import logging
+import os
+import platform
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
+
+from jobs.bench.common import markdown_table
 
 log = logging.getLogger("tuneserve.chaos")
 DEADLINE_S = 60.0  # a request with no end by then is hung
@@ -356,3 +362,38 @@ def run(scenarios: list[str], requests: int, soak_requests: int) -> list[dict]:
     for row in rows:
         print(json.dumps(row.row()), flush=True)
     return [asdict(row) | {"table": row.row()} for row in rows]
+
+
+def chaos_benchmark(args: argparse.Namespace) -> None:
+    import ray
+
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {', '.join(unknown)} (known: {', '.join(SCENARIOS)})")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for key, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():
+        os.environ.setdefault(key, value)
+    # the dashboard serves the state API that finds replica processes to kill
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+             log_to_driver=False)
+    try:
+        rows = run(scenarios, args.requests, args.soak_requests)
+    finally:
+        ray.shutdown()
+    print("\n" + markdown_table([row["table"] for row in rows], list(rows[0]["table"])))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": "chaos", "scenarios": scenarios, "rows": rows,
+                                              "host": platform.node(), "date": time.strftime("%Y-%m-%d")},
+                                             indent=1))
+
+
+def add_command(sub) -> None:
+    """This module's `python -m jobs.bench` command(s)."""
+    chaos = sub.add_parser("chaos", help="faults under streaming load: kills, upstream storms, disconnects, soak")
+    chaos.add_argument("--scenarios", default="upstream,disconnects,ingress,engine,soak",
+                       help="comma list of upstream, disconnects, ingress, engine, soak")
+    chaos.add_argument("--requests", type=int, default=40, help="requests per scenario")
+    chaos.add_argument("--soak-requests", type=int, default=10_000, help="requests per soak (auth off, then on)")
+    chaos.add_argument("--out", default=None, help="write results as JSON here")
+    chaos.set_defaults(run=chaos_benchmark)

@@ -5,11 +5,14 @@ With dummy weights the answers are noise: only the timing columns mean anything.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from jobs.bench.common import add_model_arguments, bench_model, markdown_table, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,3 +45,24 @@ def run(model: Path, work: Path, runs: list[str], dataset: str, limit: int | Non
         rows.append({**summary, "speedup": round(base / summary["wall_s"], 3)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def eval_benchmark(args: argparse.Namespace) -> None:
+    work = Path(args.work).resolve()
+    model = bench_model(args, work, random_weights=False)
+    rows = run(model, work, args.runs.split(","), args.dataset, args.limit, args.max_tokens,
+               dummy_weights=args.model is None, engine_kwargs=json.loads(args.engine_kwargs))
+    print("\n" + markdown_table(rows, ["name", "questions", "startup_s", "wall_s", "output_tok_s", "speedup"]))
+    write_results(args, rows, model=str(model))
+
+
+def add_command(sub) -> None:
+    """This module's `python -m jobs.bench` command(s)."""
+    evaluate = sub.add_parser("eval", help="GSM8K evaluate job: data-parallel vs tensor-parallel wall time")
+    add_model_arguments(evaluate, "llama-1.8b", "runs/bench-eval", "dummy weights (load_format=dummy)")
+    evaluate.add_argument("--runs", default="dp1,dp2,tp2", help="comma list of dpN / tpN (the first is the base)")
+    evaluate.add_argument("--dataset", default="gsm8k", help="as for python -m jobs.evaluate")
+    evaluate.add_argument("--limit", type=int, default=None)
+    evaluate.add_argument("--max-tokens", type=int, default=256)
+    evaluate.add_argument("--engine-kwargs", default="{}", help="JSON of extra vLLM engine arguments for every run")
+    evaluate.set_defaults(run=eval_benchmark)

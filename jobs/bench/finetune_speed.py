@@ -3,11 +3,14 @@ seed's plain transformers+peft loop, on the same model folder, same sequence len
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from jobs.bench.common import add_model_arguments, bench_model, markdown_table, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,3 +103,42 @@ def run(model: Path, work: Path, steps: int, seq: int, rank: int, variants: dict
         print(json.dumps(mine), flush=True)
         rows.append(mine)
     return rows
+
+
+def finetune_benchmark(args: argparse.Namespace) -> None:
+    work = Path(args.work).resolve()
+    model = bench_model(args, work, random_weights=True)
+    variants = {name: overrides.split(",") if overrides else []
+                for name, _, overrides in (v.partition(":") for v in args.variant)} or {"recipe": args.overrides}
+    rows = run(model, work, args.steps, args.seq, args.rank, variants)
+    print("\n" + markdown_table(rows, ["contender", "tokens_per_s", "peak_mem_gib", "tokens_per_s_ratio"]))
+    write_results(args, rows, model=str(model))
+
+
+def scaling_benchmark(args: argparse.Namespace) -> None:
+    work = Path(args.work).resolve()
+    model = bench_model(args, work, random_weights=True)
+    rows = scaling(model, work, args.steps, args.seq, args.setups.split(","),
+                   [int(w) for w in args.workers.split(",")])
+    print("\n" + markdown_table(rows, ["setup", "workers", "tokens_per_s", "speedup", "efficiency", "peak_mem_gib"]))
+    write_results(args, rows, model=str(model))
+
+
+def add_command(sub) -> None:
+    """This module's `python -m jobs.bench` command(s)."""
+    tune = sub.add_parser("finetune", help="QLoRA tok/s and peak memory: our Ray Train job vs a plain peft loop")
+    add_model_arguments(tune, "llama3-8b", "runs/bench-finetune", "random weights")
+    tune.add_argument("--steps", type=int, default=12)
+    tune.add_argument("--seq", type=int, default=1024)
+    tune.add_argument("--rank", type=int, default=64)
+    tune.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                      help="one run of our job with these recipe overrides (repeatable)")
+    tune.add_argument("overrides", nargs="*", help="recipe overrides for our job when no --variant is given")
+    scale = sub.add_parser("scaling", help="fine-tune tokens/s at 1 and N workers: ZeRO-2/3 scaling efficiency")
+    add_model_arguments(scale, "llama-1.8b", "runs/bench-scaling", "random weights")
+    scale.add_argument("--setups", default="lora-zero2,full-zero3", help="comma list of METHOD-STRATEGY")
+    scale.add_argument("--workers", default="1,2", help="comma list of worker counts (the first is the base)")
+    scale.add_argument("--steps", type=int, default=8)
+    scale.add_argument("--seq", type=int, default=1024)
+    tune.set_defaults(run=finetune_benchmark)
+    scale.set_defaults(run=scaling_benchmark)

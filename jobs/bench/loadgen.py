@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import aiohttp
 from tqdm import tqdm
 
+STALL_S = 0.1  # a gap between two streamed events this long is a visible stall
 STREAMS_PER_PROCESS = 32  # one asyncio client process parses ~5k SSE events/s; more streams get more processes
 
 
@@ -48,6 +49,12 @@ class LoadReport:
     tpot_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    # Stutter that does not depend on how many tokens each event carries (ITL percentiles do: a stream that
+    # sends two tokens per event has half the events, so the same stalls make twice the share of its gaps):
+    # each request's longest gap, and the gaps of STALL_S or more per 1,000 output tokens.
+    max_gap_p50_ms: float = float("nan")
+    max_gap_p99_ms: float = float("nan")
+    stalls_per_1k_tokens: float = float("nan")
     first_error: str = ""  # of the failed requests, the first one's error
     replicas_over_time: list | None = None  # autoscaling runs: (seconds into the load, running replicas)
 
@@ -192,12 +199,17 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], wall:
     ttft = [r.ttft_s * 1000 for r in good]
     tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * 1000 for r in good if r.output_tokens > 1]
     itl = [gap * 1000 for r in good for gap in r.itl_s]
+    max_gaps = [max(r.itl_s) * 1000 for r in good if r.itl_s]
+    stalls = sum(gap >= STALL_S for r in good for gap in r.itl_s)
+    tokens = sum(r.output_tokens for r in good)
     return LoadReport(
         target=target, concurrency=concurrency, requests=len(results), failed=len(results) - len(good),
         wall_s=round(wall, 2), output_tok_s=round(sum(r.output_tokens for r in good) / wall, 2),
         ttft_p50_ms=round(percentile(ttft, 50), 1), ttft_p99_ms=round(percentile(ttft, 99), 1),
         tpot_p50_ms=round(percentile(tpot, 50), 2), tpot_p99_ms=round(percentile(tpot, 99), 2),
         itl_p50_ms=round(percentile(itl, 50), 2), itl_p99_ms=round(percentile(itl, 99), 2),
+        max_gap_p50_ms=round(percentile(max_gaps, 50), 1), max_gap_p99_ms=round(percentile(max_gaps, 99), 1),
+        stalls_per_1k_tokens=round(stalls / tokens * 1000, 2) if tokens else float("nan"),
         first_error=next((r.error for r in results if not r.ok), ""),
     )
 

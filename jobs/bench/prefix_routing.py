@@ -11,6 +11,7 @@ over the whole workload, and the engines' own prefix-cache hit rate (vLLM's coun
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -21,7 +22,9 @@ import aiohttp
 import httpx
 from tqdm import tqdm
 
+from jobs.bench.common import markdown_table, write_results
 from jobs.bench.loadgen import percentile
+from jobs.bench.serve_bench import engine_spec_in_local_ray
 
 WORDS = ("river stone light garden market winter signal harbor paper engine silver forest window pattern "
          "question morning letter bridge mountain candle lantern orchard meadow compass thunder velvet").split()
@@ -173,3 +176,66 @@ def compare(reports: list[RoutingReport], ours: str = "prefix", baseline: str = 
     return {"ttft_p50_lower_x": round(base.ttft_p50_ms / mine.ttft_p50_ms, 2),
             "ttft_p99_lower_x": round(base.ttft_p99_ms / mine.ttft_p99_ms, 2),
             "output_tok_s_ratio": round(mine.output_tok_s / base.output_tok_s, 3), "vs": baseline}
+
+
+def prefix_benchmark(args: argparse.Namespace) -> None:
+    from jobs.bench.serve_targets import served, tuneserve_config
+    from serve_app.app import build_from_config
+    from serve_app.config import AppConfig
+
+    spec = engine_spec_in_local_ray(args)
+    on_gpu = spec.on_gpu
+    work = Workload(sessions=args.sessions, turns=args.turns, system_variants=args.system_variants,
+                    system_words=args.system_words, user_words=args.user_words, max_tokens=args.max_tokens,
+                    concurrency=args.concurrency)
+    reports = []
+    for routing in args.routings.split(","):
+        config = tuneserve_config(spec, replicas=args.replicas)
+        model = config["models"][0]
+        model["routing"], _, gap = routing.partition(":")  # prefix:N: prefix routing with load gap N
+        if gap:
+            model["routing_load_gap"] = int(gap)
+        if on_gpu:
+            model["resources"]["num_gpus"] = args.gpus_per_replica
+        started = time.monotonic()
+        print(f"== {routing}: starting {args.replicas} engine replicas ...", flush=True)
+        with served(build_from_config(AppConfig.model_validate(config))) as url:
+            print(f"== {routing}: ready in {time.monotonic() - started:.0f} s", flush=True)
+            reports.append(measure(routing, url, spec.model_id, work))
+        print(json.dumps(reports[-1].row()), flush=True)
+    rows = [r.row() for r in reports]
+    print(markdown_table(rows, ["routing", "requests", "failed", "ttft_p50_ms", "ttft_p99_ms",
+                                "later_turns_ttft_p50_ms", "output_tok_s", "engine_prefix_hit_rate", "wall_s"]))
+    comparison = compare(reports)
+    if comparison:
+        print(json.dumps(comparison))
+    write_results(args, rows, workload=vars(work), comparison=comparison, replicas=args.replicas)
+
+
+def add_command(sub) -> None:
+    """This module's `python -m jobs.bench` command(s)."""
+    prefix = sub.add_parser("prefix", help="multi-turn chat sessions under Serve's router, round-robin and "
+                                           "prefix routing, on the same number of engine replicas")
+    prefix.add_argument("--routings", default="power_of_two,round_robin,prefix",
+                        help="comma list of power_of_two, round_robin, prefix, prefix:N (load gap N), each on "
+                             "fresh engines")
+    prefix.add_argument("--replicas", type=int, default=2, help="engine replicas")
+    prefix.add_argument("--gpus-per-replica", type=float, default=1.0,
+                        help="on GPU: 0.5 puts two replicas on one GPU (set gpu_memory_utilization to match "
+                             "with --engine-kwargs)")
+    prefix.add_argument("--model", default="default", help="HF folder ('default': cached SmolLM2)")
+    prefix.add_argument("--model-id", default="bench-model")
+    prefix.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    prefix.add_argument("--max-model-len", type=int, default=4096)
+    prefix.add_argument("--max-num-seqs", type=int, default=64)
+    prefix.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    prefix.add_argument("--engine-kwargs", default=None, help="JSON of extra vLLM engine arguments")
+    prefix.add_argument("--sessions", type=int, default=16)
+    prefix.add_argument("--turns", type=int, default=4)
+    prefix.add_argument("--system-variants", type=int, default=4)
+    prefix.add_argument("--system-words", type=int, default=750, help="per system prompt (750: 761 SmolLM2 tokens)")
+    prefix.add_argument("--user-words", type=int, default=38, help="per user turn (38: 46 SmolLM2 tokens)")
+    prefix.add_argument("--max-tokens", type=int, default=32, help="output tokens per turn (ignore_eos)")
+    prefix.add_argument("--concurrency", type=int, default=4, help="sessions at a time")
+    prefix.add_argument("--out", default=None, help="write results as JSON here")
+    prefix.set_defaults(run=prefix_benchmark)

@@ -13,12 +13,16 @@ A contender is `NAME=PATH[,KEY=VALUE...]`: KEY=VALUE are vLLM engine arguments f
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
+import os
+import platform
 import re
 from pathlib import Path
 
+from jobs.bench.common import markdown_table, versions, write_results
 from jobs.bench.loadgen import run_load
 from jobs.bench.serve_targets import EngineSpec, raw_vllm
 
@@ -84,8 +88,8 @@ def _measure(name: str, path: str, options: dict, base: EngineSpec, levels: list
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from jobs.evaluate.quality import served_answer_nll
     from cluster.engine_defaults import resolve_dtype
+    from jobs.evaluate.quality import served_answer_nll
     from serve_app.quantization import folder_method, read_folder_config
 
     options = dict(options)
@@ -137,3 +141,57 @@ def compare(rows: list[dict], baseline: str) -> list[dict]:
             ratio["answer_ppl_change"] = round(row["answer_ppl"] / base["answer_ppl"] - 1, 4)
         out.append(ratio)
     return out
+
+
+def quantize_benchmark(args: argparse.Namespace) -> None:
+    from cluster.model_cache import resolve_model_path
+    from cluster.resources import cluster_has_gpus
+    from jobs.evaluate.gsm8k import DEFAULT_GSM8K
+
+    contenders = [parse_contender(c) for c in args.contender]
+    on_gpu = cluster_has_gpus()
+    base = EngineSpec(model_id="bench-model", path="", dtype="", max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, on_gpu=on_gpu,
+                      enforce_eager=(not on_gpu) if args.enforce_eager is None else args.enforce_eager,
+                      extra=json.loads(args.engine_kwargs) if args.engine_kwargs else None)
+    test = [json.loads(line) for line in DEFAULT_GSM8K.read_text().splitlines()
+            if line.strip()][:args.answers] if args.answers else []
+    answers = [(r["question"], r["answer"]) for r in test]
+    rows = []
+    for name, path, options in contenders:
+        print(f"== {name}: {path} {options or ''}", flush=True)
+        rows += measure_contender(name, resolve_model_path(path), options, base,
+                                  [int(c) for c in args.concurrency.split(",")], args.requests,
+                                  args.max_requests_per_stream, args.prompt_words, args.max_tokens, answers)
+    ratio_rows = compare(rows, contenders[0][0])
+    columns = ["contender", "dtype", "concurrency", "failed", "size_mib", "weights_gib", "engine_pss_mib",
+               "output_tok_s", "ttft_p50_ms", "tpot_p50_ms", "answer_ppl", "error"]
+    print("\n" + markdown_table(rows, [c for c in columns if any(c in r for r in rows)]))
+    if ratio_rows:
+        print("\n" + markdown_table(ratio_rows, list(dict.fromkeys(k for r in ratio_rows for k in r))))
+    write_results(args, rows, ratios=ratio_rows, machine=platform.machine(), cpus=os.cpu_count(), gpu=on_gpu,
+                  versions=versions())
+
+
+def add_command(sub) -> None:
+    """This module's `python -m jobs.bench` command(s)."""
+    quant = sub.add_parser("quantize", help="quantized vs full-precision weights: size, engine memory, output "
+                                            "tok/s and answer perplexity, each on raw vLLM")
+    quant.add_argument("--contender", action="append", required=True, metavar="NAME=PATH[,KEY=VALUE...]",
+                       help="a model folder ('default': cached SmolLM2) and its own vLLM engine arguments, "
+                            "for example fp8=/models/x,quantization=fp8; the first is the baseline")
+    quant.add_argument("--concurrency", default="8", help="comma list of concurrent streams")
+    quant.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    quant.add_argument("--max-requests-per-stream", type=int, default=10**6,
+                       help="cap requests at this many per stream (keeps the 1-stream level short)")
+    quant.add_argument("--prompt-words", type=int, default=200)
+    quant.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    quant.add_argument("--answers", type=int, default=20,
+                       help="GSM8K test answers for the perplexity (0: none, as for dummy weights)")
+    quant.add_argument("--max-model-len", type=int, default=2048)
+    quant.add_argument("--max-num-seqs", type=int, default=64)
+    quant.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                       help="default: on for CPU engines, off on a GPU")
+    quant.add_argument("--engine-kwargs", default=None, help="JSON of extra vLLM engine arguments for every one")
+    quant.add_argument("--out", default=None, help="write results as JSON here")
+    quant.set_defaults(run=quantize_benchmark)

@@ -12,13 +12,19 @@ router's CPU per request, which does not depend on how loaded the machine was.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
+import platform
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 
+from jobs.bench.common import markdown_table
 from jobs.bench.loadgen import open_loop
 from jobs.bench.serve_targets import fake_upstream, served
 
@@ -95,3 +101,69 @@ def run(rate: float, count: int, max_tokens: int, *, clients: int = 1, upstream_
                  **{key: round(routed[key] - direct[key], 2)
                     for key in ("ttft_p50_ms", "ttft_p99_ms", "total_p50_ms", "total_p99_ms")}})
     return rows
+
+
+def router_benchmark(args: argparse.Namespace) -> None:
+    """Each HTTP ingress mode in its own Ray instance (Serve reads the mode when it starts), one after the
+    other in this one command; within each, direct and through the router."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from cluster.http_ingress import http_ingress_mode
+
+    modes = args.http_ingress.split(",") if args.http_ingress else [http_ingress_mode()]
+    rows = []
+    if len(modes) == 1:
+        rows = _router_rows(args, modes[0])
+    else:
+        for mode in modes:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                argv = _replace_option(_replace_option(sys.argv[1:], "--http-ingress", mode), "--out", out.name)
+                subprocess.run([sys.executable, "-m", "jobs.bench", *argv], check=True)
+                rows += json.loads(Path(out.name).read_text())["results"]
+    print("\n" + markdown_table(rows, list(dict.fromkeys(key for row in rows for key in row))))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
+                                              "cpus": os.cpu_count(), "args": vars(args), "results": rows},
+                                             indent=1))
+
+
+def _replace_option(argv: list[str], option: str, value: str) -> list[str]:
+    argv = list(argv)
+    if option in argv:
+        argv[argv.index(option) + 1] = value
+    else:
+        argv += [option, value]
+    return argv
+
+def _router_rows(args: argparse.Namespace, mode: str) -> list[dict]:
+    import ray
+
+    from cluster.http_ingress import serve_env
+
+    os.environ.update(serve_env(mode, own_instance=True))  # the Ray instance started here, and Serve in it
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        rows = run(args.rate, args.requests, args.max_tokens, clients=args.clients,
+                   upstream_workers=args.upstream_workers, ingress_replicas=args.ingress_replicas)
+    finally:
+        ray.shutdown()
+    return [{"http_ingress": mode, **row} for row in rows]
+
+
+def add_command(sub) -> None:
+    """This module's `python -m jobs.bench` command(s)."""
+    router = sub.add_parser("router", help="latency the router adds over calling a fast upstream directly")
+    router.add_argument("--rate", type=float, default=20.0, help="requests per second (open loop)")
+    router.add_argument("--requests", type=int, default=400)
+    router.add_argument("--max-tokens", type=int, default=16)
+    router.add_argument("--clients", type=int, default=1, help="load generator processes")
+    router.add_argument("--upstream-workers", type=int, default=1, help="processes of the echo upstream")
+    router.add_argument("--ingress-replicas", type=int, default=1, help="our app's ingress replicas")
+    router.add_argument("--http-ingress", default=None,
+                        help="HTTP ingress modes to compare, comma-separated: proxy, haproxy (each in its own "
+                             "Ray instance; default: TUNESERVE_HTTP_INGRESS, else haproxy)")
+    router.add_argument("--out", default=None, help="write results as JSON here")
+    router.set_defaults(run=router_benchmark)

@@ -12,17 +12,12 @@ import platform
 import time
 from pathlib import Path
 
+from jobs.bench.common import markdown_table
 from jobs.bench.loadgen import LoadReport, run_load
 from jobs.bench.serve_targets import TARGETS, EngineSpec
 
 COLUMNS = ["target", "concurrency", "requests", "failed", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms",
-           "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms", "wall_s"]
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+           "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms", "max_gap_p99_ms", "stalls_per_1k_tokens", "wall_s"]
 
 
 def ratios(reports: list[LoadReport], baseline: str) -> list[dict]:
@@ -171,3 +166,37 @@ def serve_benchmark(args: argparse.Namespace) -> None:
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpus": os.cpu_count(),
                 "gpu": on_gpu, "spec": spec.__dict__, "args": vars(args)}
         Path(args.out).write_text(json.dumps({"meta": meta, "results": rows, "ratios": ratio_rows}, indent=1))
+
+
+def add_command(sub) -> None:
+    """This module's `python -m jobs.bench` command(s)."""
+    serve = sub.add_parser("serve", help="serving throughput and latency: tuneserve vs raw vLLM vs ray.serve.llm")
+    serve.add_argument("--targets", default="vllm,tuneserve,rayllm",
+                       help=f"comma list of {sorted(TARGETS)}; tuneserve:MS sets its stream interval, "
+                       "tuneserve@N runs N engine replicas, tuneserve@autoN autoscales 1..N, tuneserve=DIR runs "
+                       "the app of the checkout in DIR (before/after in one run)")
+    serve.add_argument("--baseline", default="vllm", help="target the others are compared with")
+    serve.add_argument("--model", default="default", help="HF folder or hub id ('default': cached SmolLM2)")
+    serve.add_argument("--model-id", default="bench-model", help="name the model is served under")
+    serve.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU; auto: each app's "
+                       "own default (tuneserve=DIR: that checkout's), and ours for raw vLLM")
+    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    serve.add_argument("--engine-kwargs", default=None, help="JSON of extra vLLM engine args for every target")
+    serve.add_argument("--concurrency", default="8", help="comma list of concurrent streams")
+    serve.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    serve.add_argument("--max-requests-per-stream", type=int, default=10**6,
+                       help="cap requests at this many per concurrent stream (keeps concurrency 1 short)")
+    serve.add_argument("--prompt-words", type=int, default=200, help="approximate prompt length in words")
+    serve.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    serve.add_argument("--ingress-replicas", type=int, default=None,
+                       help="tuneserve ingress replicas (default: one per engine replica)")
+    serve.add_argument("--autoscale-target-ongoing", type=float, default=48,
+                       help="tuneserve@autoN: ongoing requests per replica the autoscaler aims for")
+    serve.add_argument("--scale-timeout", type=float, default=600,
+                       help="tuneserve@autoN: seconds of load to wait for the last replica")
+    serve.add_argument("--client-processes", type=int, default=None,
+                       help="load generator processes (default: one per 32 streams)")
+    serve.add_argument("--out", default=None, help="write results as JSON here")
+    serve.set_defaults(run=serve_benchmark)
