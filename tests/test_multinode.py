@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -118,12 +119,11 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
     assert summary["adapter"] == "s3://tuneserve/runs/finetune/mn/adapter"
     # The distillation data went through storage: the base's 8 answers, and the adapter's input bases made
     # from them (every adapted projection of SmolLM2's 30 layers: lora.target_modules=auto, all seven).
-    count = ("import gzip, json, sys; from cluster.storage import locate; "
-             "print(len(json.loads(gzip.decompress(locate(sys.argv[1]).read_bytes()))['targets']))")
-    assert cluster.run(PYTHON, "-c", count, "runs/finetune/mn/distill_targets.json.gz").stdout.strip() == "8"
-    bases = ("import io, sys, torch; from cluster.storage import locate; "
-             "print(len(torch.load(io.BytesIO(locate(sys.argv[1]).read_bytes()), weights_only=True)['bases']))")
-    assert cluster.run(PYTHON, "-c", bases, "runs/finetune/mn/input_bases.pt").stdout.strip() == str(30 * 7)
+    counts = ("import gzip, io, json, sys, torch; from cluster.storage import locate as at; "
+              "print(len(json.loads(gzip.decompress(at(sys.argv[1]).read_bytes()))['targets']), "
+              "len(torch.load(io.BytesIO(at(sys.argv[2]).read_bytes()), weights_only=True)['bases']))")
+    assert cluster.run(PYTHON, "-c", counts, "runs/finetune/mn/distill_targets.json.gz",
+                       "runs/finetune/mn/input_bases.pt").stdout.split() == ["8", str(30 * 7)]
     assert any("distill_kl" in m for m in _metrics(cluster, "mn"))
 
     cluster.local("start-node", "2")  # the node rejoins; a re-submit with more steps resumes at step 8
@@ -253,8 +253,6 @@ def _wait_proxy(cluster: Cluster, ip: str, url: str, timeout_s: float = 120) -> 
 
 def _routing_decisions(base_url: str, key: str) -> dict[str, float]:
     """The engine router's decisions so far (hit, miss, spilled, no_key), from the app's /metrics."""
-    import re
-
     import httpx
 
     text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=60).text

@@ -229,3 +229,22 @@ def test_the_shipped_dpo_recipe_is_valid():
     supervised = load_config(REPO_ROOT / "jobs/configs/assistant_cpu.yaml")
     assert FinetuneConfig.model_validate(supervised.model_dump()) == supervised
     assert config.objective == "dpo" and config.model.method == "lora" and config.loss.distill_weight == 0
+
+
+def test_format_pairs_prefer_the_base_answer_with_its_final_number_in_the_format():
+    from jobs.data.preferences import format_pairs
+    from jobs.evaluate.gsm8k import extract_flexible, extract_strict
+
+    prompt = [{"role": "user", "content": "Tom has 3 apples and buys 4. How many?"}]
+    answers = ["He has 3 + 4 = 7 apples.", "So the answer is 7.\n#### 7", "I do not know.", ""]
+    pairs = format_pairs([prompt] * 4, answers)
+    assert len(pairs) == 1  # no number, already in the format, or empty: no pair
+    preferred = pairs[0]["preferred_output"][0]["content"]
+    rejected = pairs[0]["non_preferred_output"][0]["content"]
+    assert preferred == "He has 3 + 4 = 7 apples.\n#### 7" and rejected == answers[0]
+    assert extract_strict(preferred) == "7" and extract_strict(rejected) is None  # the format reward ranks them
+    assert extract_flexible(preferred) == extract_flexible(rejected) == "7"  # the same answer otherwise
+    # and the job reads them as pairs
+    from jobs.data.records import to_preference
+
+    assert to_preference(json.loads(json.dumps(pairs[0])), "x:1").preferred == preferred

@@ -7,6 +7,10 @@
       --distill N writes N general prompts to data/assistant.distill.jsonl for the recipe's
       self-distillation (loss.distill_prompts: the fine-tune has the base answer them).
 
+  python -m jobs.data preferences --task gsm8k-format --out data/gsm8k_pairs.jsonl --count 200
+      preference pairs (objective: dpo) from the base model's own answers to GSM8K training questions:
+      each answer ending in "#### N" preferred to the same answer as the base wrote it.
+
   python -m jobs.data stats data/assistant.jsonl --model default --max-length 1024
       how a file tokenises: conversations, supervised tokens, dropped, packed rows.
 """
@@ -18,8 +22,9 @@ import json
 import logging
 import sys
 
-from jobs.data import identity
+from jobs.data import identity, preferences
 from jobs.data.records import DataError, read_conversations, write_jsonl, write_text
+from jobs.evaluate.gsm8k import DatasetError
 
 
 def heldout_path(out: str) -> str:
@@ -64,6 +69,14 @@ def self_replay(model: str, prompts: list[str], max_tokens: int, temperature: fl
             for p, r in zip(prompts, replies) if r]
 
 
+def make_preferences(args: argparse.Namespace) -> int:
+    answered, written, out = preferences.make(args.task, args.model, args.out, args.count, args.dataset,
+                                              args.max_tokens, args.temperature)
+    print(f"wrote {written} preference pairs to {out} (from {answered} base answers; an answer with no final "
+          f"number, or already in the format, makes none)")
+    return 0
+
+
 def stats(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -102,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="the answer texts: varied, or name-first (the recipe's), each naming the owner within "
                             "its first five words (default: %(default)s)")
     ident.add_argument("--seed", type=int, default=0)
+    prefs = sub.add_parser("preferences", help="preference pairs from the base model's own answers")
+    prefs.add_argument("--task", choices=preferences.TASKS, default="gsm8k-format")
+    prefs.add_argument("--out", required=True, help="output JSONL (OpenAI's preference format)")
+    prefs.add_argument("--count", type=int, default=200, help="training questions to answer")
+    prefs.add_argument("--model", default="default", help="the base model (HF folder or 'default')")
+    prefs.add_argument("--dataset", default=None, help="GSM8K-format JSONL (default: the shared GSM8K train)")
+    prefs.add_argument("--max-tokens", type=int, default=256)
+    prefs.add_argument("--temperature", type=float, default=0.0, help="0: the base's greedy answers")
     stat = sub.add_parser("stats", help="tokenise files and report sizes")
     stat.add_argument("files", nargs="+", help=".json/.jsonl files or hf:<dataset>[:split]")
     stat.add_argument("--model", default="default", help="tokenizer (HF folder or 'default')")
@@ -112,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= getattr(args, "distill", 0) <= len(identity.distill_prompts(10**6)):
         parser.error(f"--distill must be between 0 and {len(identity.distill_prompts(10**6))}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    commands = {"identity": make_identity, "preferences": make_preferences, "stats": stats}
     try:
-        return make_identity(args) if args.command == "identity" else stats(args)
-    except DataError as exc:
+        return commands[args.command](args)
+    except (DataError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
