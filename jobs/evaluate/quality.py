@@ -201,6 +201,9 @@ def measure(model: str, gsm8k: list[dict], general: list[str], accuracy: bool, m
             scores = [score(Example(i, r["question"], reference_answer(r["answer"])), s)
                       for i, (r, s) in enumerate(zip(gsm8k, solved))]
             row["gsm8k_accuracy"] = round(sum(s["flexible_correct"] for s in scores) / len(scores), 4)
+            # the strict score reads only a number after "####": how often the answer is in that format at all
+            row["gsm8k_strict_accuracy"] = round(sum(s["strict_correct"] for s in scores) / len(scores), 4)
+            row["gsm8k_format_rate"] = round(sum(s["strict_answer"] is not None for s in scores) / len(scores), 4)
     finally:
         ray.kill(engine)
     row["wall_s"] = round(time.perf_counter() - started, 1)
