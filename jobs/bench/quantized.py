@@ -17,12 +17,10 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import platform
 import re
 from pathlib import Path
 
-from jobs.bench.common import markdown_table, versions, write_results
+from jobs.bench.common import markdown_table, write_results
 from jobs.bench.loadgen import run_load
 from jobs.bench.serve_targets import EngineSpec, raw_vllm
 
@@ -169,8 +167,7 @@ def quantize_benchmark(args: argparse.Namespace) -> None:
     print("\n" + markdown_table(rows, [c for c in columns if any(c in r for r in rows)]))
     if ratio_rows:
         print("\n" + markdown_table(ratio_rows, list(dict.fromkeys(k for r in ratio_rows for k in r))))
-    write_results(args, rows, ratios=ratio_rows, machine=platform.machine(), cpus=os.cpu_count(), gpu=on_gpu,
-                  versions=versions())
+    write_results(args, rows, ratios=ratio_rows, gpu=on_gpu)  # machine, cores and versions come with it
 
 
 def add_command(sub) -> None:

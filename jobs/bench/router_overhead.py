@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import time
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from jobs.bench.common import markdown_table
+from jobs.bench.common import markdown_table, write_results
 from jobs.bench.loadgen import open_loop
 from jobs.bench.serve_targets import fake_upstream, served
 
@@ -106,7 +105,6 @@ def run(rate: float, count: int, max_tokens: int, *, clients: int = 1, upstream_
 def router_benchmark(args: argparse.Namespace) -> None:
     """Each HTTP ingress mode in its own Ray instance (Serve reads the mode when it starts), one after the
     other in this one command; within each, direct and through the router."""
-    import subprocess
     import sys
     import tempfile
 
@@ -123,10 +121,7 @@ def router_benchmark(args: argparse.Namespace) -> None:
                 subprocess.run([sys.executable, "-m", "jobs.bench", *argv], check=True)
                 rows += json.loads(Path(out.name).read_text())["results"]
     print("\n" + markdown_table(rows, list(dict.fromkeys(key for row in rows for key in row))))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
-                                              "cpus": os.cpu_count(), "args": vars(args), "results": rows},
-                                             indent=1))
+    write_results(args, rows)
 
 
 def _replace_option(argv: list[str], option: str, value: str) -> list[str]:
@@ -136,6 +131,7 @@ def _replace_option(argv: list[str], option: str, value: str) -> list[str]:
     else:
         argv += [option, value]
     return argv
+
 
 def _router_rows(args: argparse.Namespace, mode: str) -> list[dict]:
     import ray

@@ -34,7 +34,7 @@ def format_pairs(prompts: list[list[dict]], answers: list[str]) -> list[dict]:
     """OpenAI preference records: each prompt's answer with the final-answer line preferred to it as written."""
     pairs = []
     for prompt, answer in zip(prompts, answers):
-        preferred = with_final_answer(answer) if answer.strip() else None
+        preferred = with_final_answer(answer)  # None for an empty answer too: it has no number
         if preferred is not None:
             pairs.append({"input": {"messages": prompt},
                           "preferred_output": [{"role": "assistant", "content": preferred}],

@@ -112,17 +112,10 @@ def pair_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tens
     from jobs.data.tokenize import NON_PREFERRED, PREFERRED
 
     targets = labels[:, positions + 1]
-    sides = pair_side[:, positions + 1]
-    labelled = targets != IGNORE
+    sides = pair_side[:, positions + 1] * (targets != IGNORE)  # a side's mark only where a label is
     token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = token_logps * labelled
-    columns = []
-    for side in (PREFERRED, NON_PREFERRED):
-        on_side = (sides == side) & labelled
-        columns.append((token_logps * on_side).sum(-1))
-    for side in (PREFERRED, NON_PREFERRED):
-        columns.append(((sides == side) & labelled).sum(-1).float())
-    return torch.stack(columns, dim=-1)
+    masks = [(sides == side).float() for side in (PREFERRED, NON_PREFERRED)]
+    return torch.stack([(token_logps * mask).sum(-1) for mask in masks] + [mask.sum(-1) for mask in masks], dim=-1)
 
 
 def preference_loss(policy: torch.Tensor, reference: torch.Tensor | None, loss_type: str, beta: float,
