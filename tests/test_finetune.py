@@ -357,3 +357,27 @@ def test_the_gate_runs_the_evaluator_the_recipe_names(tmp_path):
         GateSection()  # the assistant evaluator needs its held-out questions
     with pytest.raises(ValueError, match="not both"):
         GateSection(heldout="data/h.jsonl", command=["true"])
+
+
+def test_a_smoke_run_caps_the_steps_and_the_distillation_prompts_only_where_the_recipe_sets_no_steps(
+        tmp_path, monkeypatch):
+    """TUNESERVE_MAX_STEPS: at most N steps and the N steps' distillation prompts (one worker x grad_accum 2:
+    two a step); an explicit train.max_steps wins; a bad value is refused, naming it."""
+    from jobs.finetune.__main__ import plan_steps
+    from jobs.finetune.config import ConfigError, load_config
+    from jobs.finetune.distill import read_distill_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                               for i in range(50)))
+    overrides = [f"loss.distill_prompts=[{prompts}]"]
+    cfg = load_config(REPO_ROOT / "jobs/configs/assistant_cpu.yaml", overrides)
+    assert plan_steps(cfg, 400)[1] == 400 and len(read_distill_prompts(cfg)) == 50  # 2 epochs of 200 steps
+    monkeypatch.setenv("TUNESERVE_MAX_STEPS", "3")
+    assert plan_steps(cfg, 400) == (200, 3)
+    assert [p[0]["content"] for p in read_distill_prompts(cfg)] == [f"q{i}" for i in range(6)]
+    explicit = load_config(REPO_ROOT / "jobs/configs/assistant_cpu.yaml", [*overrides, "train.max_steps=7"])
+    assert plan_steps(explicit, 400)[1] == 7 and len(read_distill_prompts(explicit)) == 50
+    monkeypatch.setenv("TUNESERVE_MAX_STEPS", "three")
+    with pytest.raises(ConfigError, match="TUNESERVE_MAX_STEPS='three'"):
+        plan_steps(cfg, 400)

@@ -19,9 +19,22 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.multinode_cluster import BIN, MODEL_ID, PYTHON, REPO_ROOT, Cluster, figure
+from tests.multinode_cluster import (
+    BIN,
+    MODEL_ID,
+    PYTHON,
+    REPO_ROOT,
+    SMOKE_STEPS,
+    Cluster,
+    deploy,
+    figure,
+    get_from,
+    post_json,
+    run_attempts,
+    run_metrics,
+    wait_status,
+)
 
 # Each test is bounded: node starts, engine starts and model copies share this machine's 2 cores.
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1500)]
@@ -42,34 +55,52 @@ def test_nodes_have_their_own_address_and_disk(cluster):
     assert cluster.env["TUNESERVE_STORAGE"] == "s3://tuneserve"
 
 
-def _metrics(cluster: Cluster, run: str) -> list[dict]:
-    text = cluster.storage_text(f"runs/finetune/{run}/metrics.jsonl") or ""
-    return [json.loads(line) for line in text.splitlines() if line]
-
-
-def _attempts(cluster: Cluster, run: str) -> list[dict]:
-    text = cluster.storage_text(f"runs/finetune/{run}/attempts.jsonl") or ""
-    return [json.loads(line) for line in text.splitlines() if line]
+def test_readme_fine_tune_runs_as_written(cluster):
+    """The README's data and `ray job submit` commands, as written: the recipe's data and distillation prompts
+    go to storage; the base's answers are made by a teacher engine on some node and kept in storage with the
+    adapter's input directions; the job trains (a smoke run: TUNESERVE_MAX_STEPS on the nodes) and its adapter
+    and merged model land in storage."""
+    cluster.readme("jobs.data identity")
+    assert cluster.storage_text("data/assistant.jsonl").count("\n") == 600
+    assert cluster.storage_text("data/assistant.distill.jsonl").count("\n") == 582
+    done = cluster.readme("ray job submit", timeout=900)
+    output = done.stdout + done.stderr
+    assert f"TUNESERVE_MAX_STEPS: a smoke run of {SMOKE_STEPS} steps" in output, output[-3000:]
+    # The recipe's one worker x grad_accum 2: each step draws two rows, so the base answers 2 prompts a step.
+    assert f"distillation targets: {2 * SMOKE_STEPS} base answers" in output, output[-3000:]
+    assert [m["step"] for m in run_metrics(cluster, "assistant-cpu")] == list(range(1, SMOKE_STEPS + 1))
+    summary = json.loads(cluster.storage_text("runs/finetune/assistant-cpu/summary.json"))
+    assert summary["adapter"] == "s3://tuneserve/runs/finetune/assistant-cpu/adapter", summary
+    assert summary["merged"] == "s3://tuneserve/runs/finetune/assistant-cpu/merged", summary
+    # The distillation data went through storage: the base's answers, and the input directions of every
+    # adapted projection (the recipe's MLP projections of SmolLM2's 30 layers).
+    counts = ("import gzip, io, json, sys, torch; from cluster.storage import locate as at; "
+              "print(len(json.loads(gzip.decompress(at(sys.argv[1]).read_bytes()))['targets']), "
+              "len(torch.load(io.BytesIO(at(sys.argv[2]).read_bytes()), weights_only=True)['bases']))")
+    assert cluster.run(PYTHON, "-c", counts, "runs/finetune/assistant-cpu/distill_targets.json.gz",
+                       "runs/finetune/assistant-cpu/input_bases.pt").stdout.split() == [str(2 * SMOKE_STEPS), "90"]
+    assert any("distill_kl" in m for m in run_metrics(cluster, "assistant-cpu"))
 
 
 JOB = ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.finetune", "--config",
        "jobs/configs/assistant_cpu.yaml"]
-# The recipe as the README runs it, smaller: two workers on two nodes, short rows, few distillation answers.
-# One thread per worker: every node here shares this machine's cores (a real node has its own).
+# The README's recipe for the faults: two workers on two nodes, short rows, identity data alone (the test
+# above covers distillation), an adapter on every projection. One thread per worker: every node here shares
+# this machine's cores (a real node has its own).
 FAST = ["train.grad_accum=1", "train.torch_threads=1", "data.max_length=256", "monitor.eval_every=null",
         "checkpoint.every_steps=2", "scaling.num_workers=2", "scaling.placement=SPREAD", "output.name=mn",
-        "loss.distill_weight=2", "loss.distill_max_tokens=16", "lora.target_modules=auto"]
+        "data.train=[data/mn.jsonl]", "loss.distill_weight=0", "loss.distill_prompts=[]",
+        "loss.distill_opening_tokens=0", "lora.target_modules=auto", "lora.input_share=0"]
 
 
 def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster, tmp_path):
-    """The README's commands, with relative data paths, from this machine to the head: the data goes to
-    storage; the base's distillation answers are made by a teacher engine on some node and kept in storage;
-    the two training workers run on the two worker nodes; a whole node is killed after the first checkpoint,
-    the worker group restarts from that checkpoint, and a re-submit resumes where it ended."""
-    cluster.run(PYTHON, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", "data/assistant.jsonl",
-                "--count", "60", "--distill", "8")
-    assert cluster.storage_text("data/assistant.jsonl").count("\n") == 60
-    assert cluster.storage_text("data/assistant.distill.jsonl").count("\n") == 8
+    """The README's recipe from this machine to the head, with relative data paths in storage: the two
+    training workers run on the two worker nodes; a whole node is killed (the README's `kill-node 1`) after
+    the first checkpoint, the worker group restarts from that checkpoint, and a re-submit resumes where it
+    ended."""
+    cluster.run(PYTHON, "-m", "jobs.data", "identity", "--name", "Crohcirtep", "--out", "data/mn.jsonl",
+                "--count", "60")
+    assert cluster.storage_text("data/mn.jsonl").count("\n") == 60
     submitted = time.monotonic()
     log_path = tmp_path / "job.log"  # a file, not a pipe: nobody reads the job's output until it ends
     with log_path.open("w") as log:
@@ -80,7 +111,7 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
         deadline = time.monotonic() + 480
         first_step_s = None
         while True:
-            steps = [m["step"] for m in _metrics(cluster, "mn")]
+            steps = [m["step"] for m in run_metrics(cluster, "mn")]
             if steps and first_step_s is None:
                 first_step_s = round(time.monotonic() - submitted, 1)
             if steps and steps[-1] >= 3:
@@ -89,13 +120,13 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
             assert time.monotonic() < deadline, "training never reached step 3"
             time.sleep(1)
         figure("train_submit_to_first_step_s", first_step_s)
-        first = _attempts(cluster, "mn")[0]
+        first = run_attempts(cluster, "mn")[0]
         assert len(set(first["node_ips"])) == 2 and set(first["node_ips"]) == {cluster.node_ip(1), cluster.node_ip(2)}
         killed_at_step = steps[-1]
         killed = time.monotonic()
-        cluster.local("kill-node", "2")
-        while len(_attempts(cluster, "mn")) < 2 or not [m for m in _metrics(cluster, "mn")
-                                                         if m["step"] > _attempts(cluster, "mn")[1]["start_step"]]:
+        cluster.readme("cluster.local kill-node 1")  # the README's own kill
+        while len(run_attempts(cluster, "mn")) < 2 or not [m for m in run_metrics(cluster, "mn")
+                                                         if m["step"] > run_attempts(cluster, "mn")[1]["start_step"]]:
             assert job.poll() is None or job.returncode == 0, log_path.read_text()[-4000:]
             assert time.monotonic() - killed < 480, "no step after the node kill"
             time.sleep(1)
@@ -106,33 +137,22 @@ def test_readme_job_trains_on_two_nodes_survives_a_node_kill_and_resumes(cluster
             job.kill()
     output = log_path.read_text()
     assert job.returncode == 0, output[-4000:]
-    assert "distillation targets: 8 base answers" in output, output[-3000:]
-    attempts = _attempts(cluster, "mn")
+    attempts = run_attempts(cluster, "mn")
     assert len(attempts) == 2, attempts
     resumed = attempts[1]["start_step"]
     assert resumed >= 2 and resumed % 2 == 0 and resumed <= killed_at_step, (resumed, killed_at_step)
-    assert cluster.node_ip(2) not in attempts[1]["node_ips"]  # the group restarted on the node that was left
-    steps = [m["step"] for m in _metrics(cluster, "mn")]
+    assert cluster.node_ip(1) not in attempts[1]["node_ips"]  # the group restarted on the node that was left
+    steps = [m["step"] for m in run_metrics(cluster, "mn")]
     assert steps == list(range(1, 9)), steps  # nothing lost beyond the checkpoint, nothing twice
     figure("train_steps_redone_after_kill", killed_at_step - resumed)
     summary = json.loads(cluster.storage_text("runs/finetune/mn/summary.json"))
     assert summary["adapter"] == "s3://tuneserve/runs/finetune/mn/adapter"
-    # The distillation data went through storage: the base's 8 answers, and the adapter's input bases made
-    # from them (every adapted projection of SmolLM2's 30 layers: lora.target_modules=auto, all seven).
-    counts = ("import gzip, io, json, sys, torch; from cluster.storage import locate as at; "
-              "print(len(json.loads(gzip.decompress(at(sys.argv[1]).read_bytes()))['targets']), "
-              "len(torch.load(io.BytesIO(at(sys.argv[2]).read_bytes()), weights_only=True)['bases']))")
-    assert cluster.run(PYTHON, "-c", counts, "runs/finetune/mn/distill_targets.json.gz",
-                       "runs/finetune/mn/input_bases.pt").stdout.split() == ["8", str(30 * 7)]
-    assert any("distill_kl" in m for m in _metrics(cluster, "mn"))
-
-    cluster.local("start-node", "2")  # the node rejoins; a re-submit with more steps resumes at step 8
+    cluster.local("start-node", "1")  # the node rejoins; a re-submit with more steps resumes at step 8
     resubmit = cluster.run(str(BIN / JOB[0]), *JOB[1:], *FAST, "train.max_steps=10",
                            env={"PATH": f"{BIN}:{os.environ['PATH']}"})
     assert "resumed from step 8" in resubmit.stdout, resubmit.stdout[-3000:]
-    assert "distillation targets: reusing s3://tuneserve/runs/finetune/mn/" in resubmit.stdout  # not made again
-    assert [m["step"] for m in _metrics(cluster, "mn")] == list(range(1, 11))
-    assert _attempts(cluster, "mn")[-1]["start_step"] == 8
+    assert [m["step"] for m in run_metrics(cluster, "mn")] == list(range(1, 11))
+    assert run_attempts(cluster, "mn")[-1]["start_step"] == 8
 
     pulled = cluster.run(PYTHON, "-m", "jobs.export", "pull", "mn", "--to", str(tmp_path / "mn"))
     assert (tmp_path / "mn" / "adapter" / "adapter_config.json").is_file(), pulled.stdout
@@ -150,7 +170,8 @@ def test_evaluate_job_reads_and_writes_storage(cluster):
     """`ray job submit ... jobs.evaluate` with the dataset and the model in storage; results land there."""
     from cluster.model_cache import ensure_default_model
 
-    cluster.run(PYTHON, "-m", "cluster.storage", "put", str(ensure_default_model()), f"models/{MODEL_ID}")
+    assert ensure_default_model() == Path.home() / f".cache/tuneserve/models/{MODEL_ID}"  # the README's path
+    cluster.readme("cluster.storage put")
     cluster.run(PYTHON, "-m", "cluster.storage", "put", str(REPO_ROOT.parent / "shared/data/gsm8k/test.jsonl"),
                 "data/gsm8k_test.jsonl")
     result = cluster.run(str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "-m",
@@ -165,32 +186,11 @@ def test_evaluate_job_reads_and_writes_storage(cluster):
 ADMIN_KEY = {"name": "admin", "env": "TUNESERVE_ADMIN_KEY", "admin": True}  # as serve_app/configs/cluster-app.yaml
 
 
-def _deploy(cluster: Cluster, app_config: dict | str, tmp_path: Path) -> None:
-    """`serve deploy` of serve-cluster.yaml (Serve on every address of every node) with this app config: a
-    dict, or a config file's text as it is."""
-    (tmp_path / "app.yaml").write_text(app_config if isinstance(app_config, str) else yaml.safe_dump(app_config))
-    serve_config = yaml.safe_load((REPO_ROOT / "serve_app/configs/serve-cluster.yaml").read_text())
-    serve_config["http_options"]["port"] = cluster.serve_port
-    serve_config["applications"][0]["args"]["config"] = str(tmp_path / "app.yaml")
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
-    cluster.run(str(BIN / "serve"), "deploy", str(tmp_path / "serve.yaml"))
-
-
-def _wait_status(cluster: Cluster, wanted: set[str], timeout_s: float) -> tuple[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status, message = cluster.app_status()
-        if status in wanted:
-            return status, message
-        assert time.monotonic() < deadline, f"app status {status} after {timeout_s} s: {message}"
-        time.sleep(2)
-
-
 def test_a_bad_model_uri_fails_the_deploy_with_a_clear_message(cluster, tmp_path):
     config = {"models": [{"id": MODEL_ID, "path": "s3://tuneserve/models/not-there", "max_model_len": 512}],
               "ingress": {"api_keys": [ADMIN_KEY]}}
-    _deploy(cluster, config, tmp_path)
-    status, message = _wait_status(cluster, {"DEPLOY_FAILED", "RUNNING"}, 120)
+    deploy(cluster, config, tmp_path)
+    status, message = wait_status(cluster, {"DEPLOY_FAILED", "RUNNING"}, 120)
     assert status == "DEPLOY_FAILED"
     assert "s3://tuneserve/models/not-there: not found in storage" in message, message
 
@@ -199,41 +199,24 @@ def test_an_app_without_keys_does_not_start_beyond_loopback(cluster, tmp_path):
     """The shipped laptop config, as it is, behind a cluster's Serve listening on every address: refused,
     saying how to add a key. With the operator's explicit opt-out it serves, but its admin routes answer
     nobody: not a namespace's client, not the head's own address."""
-    _deploy(cluster, (REPO_ROOT / "serve_app/configs/default.yaml").read_text(), tmp_path)
-    status, message = _wait_status(cluster, {"DEPLOY_FAILED", "RUNNING"}, 180)
+    deploy(cluster, (REPO_ROOT / "serve_app/configs/default.yaml").read_text(), tmp_path)
+    status, message = wait_status(cluster, {"DEPLOY_FAILED", "RUNNING"}, 180)
     assert status == "DEPLOY_FAILED", message
     assert "beyond loopback, and the app has no API keys" in message and "ingress.api_keys" in message, message
 
     import httpx
 
     upstream = {"name": "nowhere", "base_url": "http://127.0.0.1:9/v1", "models": [{"id": "remote-model"}]}
-    _deploy(cluster, {"providers": [upstream], "ingress": {"allow_unauthenticated": True}}, tmp_path)
-    _wait_status(cluster, {"RUNNING"}, 180)
+    deploy(cluster, {"providers": [upstream], "ingress": {"allow_unauthenticated": True}}, tmp_path)
+    wait_status(cluster, {"RUNNING"}, 180)
     ns = cluster.state()["network"]["nodes"][0]["netns"]
     url = f"http://{cluster.head_ip}:{cluster.serve_port}"  # the ingress's node: worker nodes run a proxy
     _wait_proxy(cluster, cluster.head_ip, url)                # only beside a replica
-    assert [m["id"] for m in _get_from(ns, f"{url}/v1/models")[1]["data"]] == ["remote-model"]
+    assert [m["id"] for m in get_from(ns, f"{url}/v1/models")[1]["data"]] == ["remote-model"]
     for route in ("/v1/adapters", "/admin/usage", "/metrics"):
-        status, body = _get_from(ns, url + route)
+        status, body = get_from(ns, url + route)
         assert status == 403 and body["error"]["code"] == "admin_key_required", (route, body)
     assert httpx.get(url + "/admin/usage", timeout=30).status_code == 403  # from the host's side too
-
-
-def _get_from(netns: str, url: str, key: str | None = None) -> tuple[int, dict]:
-    """GET from inside a worker node's network namespace: a client on another machine of the cluster."""
-    code = ("import sys, urllib.request, urllib.error\n"
-            "headers = {'Authorization': 'Bearer ' + sys.argv[2]} if len(sys.argv) > 2 else {}\n"
-            "try:\n    r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=headers), timeout=30)\n"
-            "    print(r.status); print(r.read().decode())\n"
-            "except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n")
-    done = subprocess.run(["ip", "netns", "exec", netns, PYTHON, "-c", code, url, *([key] if key else [])],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    status, _, body = done.stdout.partition("\n")
-    try:
-        return int(status), json.loads(body)
-    except ValueError:
-        return int(status), {"text": body[:2000]}
 
 
 def _wait_proxy(cluster: Cluster, ip: str, url: str, timeout_s: float = 120) -> None:
@@ -287,19 +270,12 @@ def _ask_every_proxy(cluster: Cluster, port: int) -> None:
         # and a registration may name only the cluster's storage, with one answer for anything else.
         url = f"http://{ip}:{port}"
         for route in ("/v1/models", "/v1/adapters", "/admin/usage", "/metrics"):
-            assert _get_from(ns, url + route)[0] == 401, (ip, route)
-        assert _get_from(ns, url + "/admin/usage", key)[0] == 200
+            assert get_from(ns, url + route)[0] == 401, (ip, route)
+        assert get_from(ns, url + "/admin/usage", key)[0] == 200
         for uri in ("file:///etc", "/etc", "runs/../../etc", "s3://tuneserve/runs/finetune/mn/../../../x",
                     "s3://another-bucket/adapter"):
-            refused = _post_json(f"{url}/v1/adapters", {"id": "probe", "base": MODEL_ID, "uri": uri}, key)
+            refused = post_json(f"{url}/v1/adapters", {"id": "probe", "base": MODEL_ID, "uri": uri}, key)
             assert refused[0] == 400 and refused[1]["error"]["code"] == "adapter_not_found", (uri, refused)
-
-
-def _post_json(url: str, body: dict, key: str) -> tuple[int, dict]:
-    import httpx
-
-    answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-    return answer.status_code, answer.json()
 
 
 PROMPT = [{"role": "user", "content": "Count from one to thirty in words."}]
@@ -378,8 +354,8 @@ def test_serving_spreads_autoscales_and_survives_a_node_kill(cluster, tmp_path):
     }
     admin_key = cluster.env["TUNESERVE_ADMIN_KEY"]
     started = time.monotonic()
-    _deploy(cluster, config, tmp_path)
-    _wait_status(cluster, {"RUNNING"}, 600)
+    deploy(cluster, config, tmp_path)
+    wait_status(cluster, {"RUNNING"}, 600)
     figure("serve_deploy_1_replica_s", round(time.monotonic() - started, 1))
     replicas = cluster.replicas()
     assert [ip for ip, _ in replicas["Ingress"]] == [cluster.head_ip]

@@ -18,6 +18,11 @@ summary.json. Re-running the same command resumes from the last checkpoint in st
 section the adapter is then evaluated and, if it passes the gate, served by the running service
 (jobs/finetune/publish.py); exit code 3 when the gate refuses it.
 `python -m jobs.export pull <output.name>` copies a run to this machine.
+
+TUNESERVE_MAX_STEPS=N, in the environment of the job's driver (for `ray job submit`: the cluster's nodes),
+makes a smoke run of a recipe that sets no train.max_steps: at most N optimizer steps, and the base answers
+only the distillation prompts N steps can draw (the adapter's input directions, too, come from about as many
+examples). The recipe's keys are unchanged.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ from jobs.export.hf import ExportError, is_hf_model_folder, merge_adapter
 from jobs.finetune.config import (
     ConfigError,
     FinetuneConfig,
+    TrainPlan,
     check_dtype,
     check_supported,
-    TrainPlan,
     load_config,
     resolved_dtype,
+    rows_per_step,
+    smoke_steps,
 )
 from jobs.finetune.distill import distill_examples, read_distill_prompts
 from jobs.finetune.publish import PublishError
@@ -104,14 +111,14 @@ def claim_run_dir(cfg: FinetuneConfig, run: Location) -> None:
 
 
 def plan_steps(cfg: FinetuneConfig, rows: int) -> tuple[int, int]:
-    per_step = cfg.scaling.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum
+    per_step = rows_per_step(cfg)
     steps_per_epoch = rows // per_step
     if steps_per_epoch == 0:
         raise ConfigError(f"the data gives {rows} rows, fewer than one optimizer step needs "
                           f"({cfg.scaling.num_workers} workers x micro_batch_size {cfg.train.micro_batch_size} x "
                           f"grad_accum {cfg.train.grad_accum} = {per_step}); lower grad_accum or add data")
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
-    return steps_per_epoch, total
+    return steps_per_epoch, min(total, smoke_steps(cfg) or total)
 
 
 def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
@@ -128,6 +135,9 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     data_stats["rows"] = len(rows)
     steps_per_epoch, total_steps = plan_steps(cfg, len(rows))
     distill_prompts = read_distill_prompts(cfg)  # checked here; the base answers them once Ray is up
+    if smoke_steps(cfg):
+        log.warning("TUNESERVE_MAX_STEPS: a smoke run of %d steps%s", total_steps,
+                    f", on the first {len(distill_prompts)} distillation prompts" if distill_prompts else "")
     if distill_prompts:
         data_stats["distill_prompts"] = len(distill_prompts)
     log.info("data: %s; %d steps (%d per epoch)%s", json.dumps(data_stats), total_steps, steps_per_epoch,
@@ -164,8 +174,10 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
         from jobs.finetune.distill import answer_sequences
         from jobs.finetune.subspace import input_bases
 
-        plan.input_bases = input_bases(cfg, run, [e.input_ids for e in examples],
-                                       answer_sequences(cfg, run), use_gpu)
+        own = [e.input_ids for e in examples]
+        if smoke_steps(cfg):  # a smoke run reads directions from about as many examples as its steps draw
+            own = own[:smoke_steps(cfg) * rows_per_step(cfg) * math.ceil(len(own) / len(rows))]
+        plan.input_bases = input_bases(cfg, run, own, answer_sequences(cfg, run), use_gpu)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     parent = run.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -290,6 +289,20 @@ UNSUPPORTED = {
                         "bnb_4bit_quant_storage matching the compute dtype and mixed-precision wrapping; "
                         "use ddp or zero2",
 }
+
+
+def smoke_steps(cfg: FinetuneConfig) -> int | None:
+    """TUNESERVE_MAX_STEPS, for a recipe that sets no train.max_steps (an explicit setting wins)."""
+    value = os.environ.get("TUNESERVE_MAX_STEPS", "").strip()
+    if not value or cfg.train.max_steps:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"TUNESERVE_MAX_STEPS={value!r}: must be a positive whole number of steps")
+    return int(value)
+
+
+def rows_per_step(cfg: FinetuneConfig) -> int:
+    return cfg.scaling.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum
 
 
 def check_supported(cfg: FinetuneConfig) -> None:

@@ -28,15 +28,18 @@ import time
 from cluster.storage import Location
 from jobs.data.records import Conversation, read_prompts
 from jobs.data.tokenize import IGNORE, Example
-from jobs.finetune.config import FinetuneConfig
+from jobs.finetune.config import FinetuneConfig, rows_per_step, smoke_steps
 
 log = logging.getLogger("tuneserve.finetune")
 TARGETS_FILE = "distill_targets.json.gz"
 
 
 def read_distill_prompts(cfg: FinetuneConfig) -> list[Conversation]:
-    """Every prompt of loss.distill_prompts (DataError naming the file and line when one is bad)."""
-    return [prompt for source in cfg.loss.distill_prompts for prompt in read_prompts(source)]
+    """Every prompt of loss.distill_prompts (DataError naming the file and line when one is bad); in a smoke
+    run (TUNESERVE_MAX_STEPS), only as many as its steps can draw, one row each."""
+    prompts = [prompt for source in cfg.loss.distill_prompts for prompt in read_prompts(source)]
+    steps = smoke_steps(cfg)
+    return prompts[:steps * rows_per_step(cfg)] if steps else prompts
 
 
 class TeacherEngine:
