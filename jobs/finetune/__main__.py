@@ -67,6 +67,15 @@ def prepare_examples(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if not tokenizer.chat_template:
         raise DataError(f"{model_path}: the tokenizer has no chat template to render conversations with")
+    if cfg.objective == "grpo":  # prompts: the rollout engine answers them during training
+        from jobs.finetune.rollout import read_rl_prompts, tokenize_prompts
+
+        prompts, dropped = tokenize_prompts(cfg, tokenizer, read_rl_prompts(cfg))
+        if not prompts:
+            raise DataError(f"every prompt leaves fewer than 16 tokens of data.max_length={cfg.data.max_length} "
+                            "for its answer; raise data.max_length")
+        return prompts, {"prompts": len(prompts) + dropped, "dropped": dropped,
+                         "tokens": sum(len(p["prompt_ids"]) for p in prompts)}
     if cfg.objective == "dpo":  # preference pairs: one row each, both answers in it
         pairs = [p for source in cfg.data.train for p in read_preferences(source)]
         data = tokenize_preferences(tokenizer, pairs, cfg.data.max_length)
@@ -86,7 +95,7 @@ def prepare_examples(cfg: FinetuneConfig, model_path: str) -> tuple[list, dict]:
 def to_rows(cfg: FinetuneConfig, examples: list) -> list:
     from jobs.data.tokenize import pack
 
-    if cfg.objective == "dpo":  # a row is one pair, whose rewards are read per row
+    if cfg.objective in ("dpo", "grpo"):  # a row is one pair, or one prompt (its answers come in training)
         return examples
     return pack(examples, cfg.data.max_length, cfg.data.shuffle_seed) if cfg.data.packing else examples
 
@@ -178,11 +187,16 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
         if smoke_steps(cfg):  # a smoke run reads directions from about as many examples as its steps draw
             own = own[:smoke_steps(cfg) * rows_per_step(cfg) * math.ceil(len(own) / len(rows))]
         plan.input_bases = input_bases(cfg, run, own, answer_sequences(cfg, run), use_gpu)
+    loop_config = {"cfg": cfg.model_dump(), "plan": asdict(plan), "rows": ray.put(rows)}
+    if cfg.objective == "grpo":  # the engine that samples the policy's answers, for the whole run
+        from jobs.finetune.rollout import start_engine
+
+        loop_config["engine"] = start_engine(cfg, dtype, use_gpu)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     parent = run.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.model_dump(), "plan": asdict(plan), "rows": ray.put(rows)},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.scaling.placement),
@@ -194,7 +208,11 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
                              worker_runtime_env={"env_vars": worker_env(use_gpu)}),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if "engine" in loop_config:
+            ray.kill(loop_config["engine"])  # frees its memory (and GPU) before the merge
     wall_s = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")

@@ -143,6 +143,29 @@ class DpoSection(Strict):
     simpo_gamma: float = Field(0.5, ge=0)  # simpo: the reward margin the preferred answer must clear
 
 
+class RewardSpec(Strict):
+    function: str  # a shipped reward's name (jobs/finetune/rewards.py) or `module:function`
+    weight: float = 1.0
+
+
+class GrpoSection(Strict):
+    """`objective: grpo`: reinforcement learning from rewards on the model's own answers (GRPO). Each step,
+    a vLLM engine (a Ray actor holding the latest policy as a LoRA adapter) answers every prompt
+    `group_size` times; each answer's advantage is its reward against its group's mean and spread; the
+    loss is PPO's clipped surrogate over the answer tokens, plus `beta` times a KL to the base (the
+    policy with the adapter disabled). jobs/finetune/rollout.py."""
+
+    group_size: int = Field(4, ge=2)  # answers per prompt: the advantage is relative within the group
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    beta: float = Field(0.0, ge=0)  # KL to the base; 0 skips the reference forward
+    clip_range: float = Field(0.2, gt=0, lt=1)  # the ratio to the engine's log-probabilities stays in 1 ± this
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    engine_gpus: float = Field(1.0, ge=0)  # on GPU clusters: the rollout engine's share of a GPU
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=0.95)
+
+
 class TrainSection(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
@@ -249,9 +272,11 @@ class PublishSection(Strict):
 
 
 class FinetuneConfig(Strict):
-    # sft: learn the data's assistant turns (demonstrations); dpo: learn which of two answers is preferred
-    objective: Literal["sft", "dpo"] = "sft"
+    # sft: learn the data's assistant turns (demonstrations); dpo: learn which of two answers is preferred;
+    # grpo: learn from rewards on the model's own sampled answers
+    objective: Literal["sft", "dpo", "grpo"] = "sft"
     dpo: DpoSection = DpoSection()
+    grpo: GrpoSection = GrpoSection()
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
     quant: QuantSection = QuantSection()
@@ -268,9 +293,12 @@ class FinetuneConfig(Strict):
 
     @model_validator(mode="after")
     def _objective_settings(self) -> "FinetuneConfig":
-        if self.objective != "dpo" and self.dpo != DpoSection():
-            raise ValueError("dpo settings are given but objective is sft, so they would be ignored; set "
-                             "objective: dpo")
+        for name, section, default in (("dpo", self.dpo, DpoSection()), ("grpo", self.grpo, GrpoSection())):
+            if self.objective != name and section != default:
+                raise ValueError(f"{name} settings are given but objective is {self.objective}, so they would be "
+                                 f"ignored; set objective: {name}")
+        if self.objective == "grpo" and not self.grpo.rewards:
+            raise ValueError("objective grpo needs at least one reward in grpo.rewards")
         return self
 
     def run_location(self):
@@ -334,6 +362,23 @@ def check_supported(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"objective dpo with dpo.loss_type={cfg.dpo.loss_type} needs a reference model, "
                               "which is the base with the adapter disabled; method full has no adapter to "
                               "disable: use method lora or qlora, or dpo.loss_type=simpo (reference-free)")
+    if cfg.objective == "grpo":
+        from jobs.finetune.rewards import load_reward
+
+        if cfg.model.method == "full":
+            raise ConfigError("objective grpo needs method lora or qlora: after each step the policy reaches the "
+                              "rollout engine as a LoRA adapter (a full model's weight sync is not built)")
+        if cfg.loss.distill_weight:
+            raise ConfigError("objective grpo does not combine with loss.distill_weight: grpo.beta is its KL to "
+                              "the base; set loss.distill_weight=0")
+        if cfg.lora.input_share:
+            raise ConfigError("objective grpo does not take lora.input_share, whose directions come from "
+                              "supervised answers; set lora.input_share=0")
+        for reward in cfg.grpo.rewards:
+            try:
+                load_reward(reward.function)
+            except ValueError as exc:
+                raise ConfigError(f"grpo.rewards: {exc}") from None
     if cfg.model.method == "full" and cfg.output.merge_dtype:
         raise ConfigError("output.merge_dtype applies to adapter methods (lora, qlora) only")
 

@@ -156,6 +156,18 @@ class StepFigures:
     reward_margin: float = 0.0
     reward_accuracy: float = 0.0
     pair_workers: float = 0.0
+    # objective grpo: the sampled answers' mean reward and its spread within a group, their length, the share
+    # of answer tokens whose ratio to the sampling policy was clipped, and the KL to the base (grpo.beta)
+    reward: float = 0.0
+    reward_std: float = 0.0
+    answer_tokens: float = 0.0
+    clip_fraction: float = 0.0
+    policy_kl: float = 0.0
+    reward_errors: float = 0.0  # reward calls that raised or returned no finite number (scored 0); a sum
+    rollout_s: float = 0.0  # where a step's time goes: sampling (the engine), scoring + training, the sync
+    train_s: float = 0.0
+    sync_s: float = 0.0
+    rollout_workers: float = 0.0
 
     def reduced(self, world: int, device: torch.device) -> "StepFigures":
         if world == 1:
@@ -173,10 +185,16 @@ class StepFigures:
         if self.pair_workers:
             for name in PAIR_FIGURES:
                 values[name] = round(getattr(self, name) / self.pair_workers, 5)
+        if self.rollout_workers:
+            for name in ROLLOUT_FIGURES:
+                values[name] = round(getattr(self, name) / self.rollout_workers, 5)
+            values["reward_errors"] = int(self.reward_errors)
         return values
 
 
 PAIR_FIGURES = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
+ROLLOUT_FIGURES = ("reward", "reward_std", "answer_tokens", "clip_fraction", "policy_kl", "rollout_s", "train_s",
+                   "sync_s")
 
 
 def _mean(values: list[torch.Tensor]) -> float:
@@ -269,7 +287,8 @@ def train_loop(loop_config: dict) -> None:
 
     cfg = FinetuneConfig.model_validate(loop_config["cfg"])
     plan = TrainPlan(**loop_config["plan"])
-    rows: list[Example] = ray.get(loop_config["rows"])
+    rows: list = ray.get(loop_config["rows"])  # Examples; for grpo, the prompts
+    engine = loop_config.get("engine")  # grpo: the rollout engine actor
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _set_up_worker(cfg, context)
@@ -279,6 +298,8 @@ def train_loop(loop_config: dict) -> None:
     start_step = _resume(strategy)
     run = locate(plan.run_uri)
     record_attempt(run, start_step, world)
+    if engine is not None and start_step:  # a resumed run: the engine samples from the restored policy
+        _publish_policy(strategy, tokenizer, engine, start_step, run, rank)
     sink = MetricsSink(run, cfg.monitor.tensorboard, start_step) if rank == 0 else None
     rows_per_step = cfg.train.grad_accum * cfg.train.micro_batch_size
     pad_id = padding_id(tokenizer)
@@ -298,8 +319,17 @@ def train_loop(loop_config: dict) -> None:
         for step_in_epoch in range(offset, min(steps_per_epoch, offset + total_steps - step)):
             started = time.perf_counter()
             first = step_in_epoch * rows_per_step
-            own, grad_norm = _train_step(cfg, strategy, mine[first:first + rows_per_step], pad_id, width,
-                                         device, hinge_on=step >= hinge_from)
+            if engine is not None:
+                from jobs.finetune.rollout import rollout_step
+
+                rolled, grad_norm = rollout_step(cfg, strategy, engine, mine[first:first + rows_per_step], pad_id,
+                                                 device, step)
+                synced = time.perf_counter()
+                _publish_policy(strategy, tokenizer, engine, step + 1, run, rank)
+                own = StepFigures(**rolled, sync_s=time.perf_counter() - synced)
+            else:
+                own, grad_norm = _train_step(cfg, strategy, mine[first:first + rows_per_step], pad_id, width,
+                                             device, hinge_on=step >= hinge_from)
             step += 1
             window_tokens += own.tokens  # this worker's step
             window_s += time.perf_counter() - started
@@ -325,6 +355,15 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0:
         progress.close()
         sink.close()
+
+
+def _publish_policy(strategy, tokenizer, engine, step: int, run: Location, rank: int) -> None:
+    """grpo: the policy after `step` steps onto the rollout engine, before any rank samples again."""
+    from jobs.finetune.rollout import publish_policy
+
+    publish_policy(strategy, tokenizer, engine, step, run, rank)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _chat_eval_step(cfg: FinetuneConfig, strategy, tokenizer, device: torch.device, step: int,

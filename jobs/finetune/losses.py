@@ -149,3 +149,36 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor | None, loss_t
                "reward_margin": (chosen_reward - rejected_reward).detach().mean(),
                "reward_accuracy": (chosen_reward > rejected_reward).float().mean()}
     return losses.mean(), figures
+
+
+# -- rollouts (objective: grpo) ---------------------------------------------------------------------------------
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[rows, len(positions)]: the log-probability of each labelled token (0 where there is no label)."""
+    targets = labels[:, positions + 1]
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * (targets != IGNORE)
+
+
+def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, old_logps: torch.Tensor,
+              advantages: torch.Tensor, reference: torch.Tensor | None, clip_range: float,
+              beta: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate on every answer token, with its answer's advantage, against the log-probability
+    the sampling engine gave that token (`old_logps`, at the token's own place); plus `beta` times the k3
+    estimate of KL(policy || reference) per token. The mean is over all answer tokens of the micro-batch,
+    not per answer first: a long answer's tokens count as much as a short one's (no length bias)."""
+    targets = labels[:, positions + 1]
+    mask = targets != IGNORE
+    logps = token_logps(logits, labels, positions)
+    ratio = torch.exp(logps - old_logps[:, positions + 1])
+    advantage = advantages.unsqueeze(-1)
+    surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - clip_range, 1 + clip_range) * advantage)
+    per_token = -surrogate
+    figures = {"clip_fraction": ((ratio - 1).abs() > clip_range)[mask].float().mean()}
+    if reference is not None:
+        gap = reference - logps
+        kl = torch.exp(gap) - gap - 1
+        per_token = per_token + beta * kl
+        figures["policy_kl"] = kl.detach()[mask].mean()
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {k: v.detach() for k, v in figures.items()}

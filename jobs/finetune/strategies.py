@@ -16,7 +16,15 @@ import torch
 import torch.distributed as dist
 
 from jobs.finetune.config import FinetuneConfig
-from jobs.finetune.losses import DISTILL_KEYS, lm_loss, loss_positions, pair_logps, preference_loss
+from jobs.finetune.losses import (
+    DISTILL_KEYS,
+    grpo_loss,
+    lm_loss,
+    loss_positions,
+    pair_logps,
+    preference_loss,
+    token_logps,
+)
 
 
 def lr_lambda(cfg: FinetuneConfig, total_steps: int):
@@ -91,6 +99,8 @@ class Strategy:
         this forward."""
         if "pair_side" in batch:
             return self._preference_forward(batch)
+        if "advantages" in batch:
+            return self._rollout_forward(batch)
         distill = {key: batch.pop(key) for key in DISTILL_KEYS if key in batch}
         with self.autocast():
             labels = batch.pop("labels")
@@ -116,6 +126,21 @@ class Strategy:
             logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
             policy = pair_logps(logits, labels, positions, pair_side)
         return preference_loss(policy, reference, dpo.loss_type, dpo.beta, dpo.label_smoothing, dpo.simpo_gamma)
+
+    def _rollout_forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """objective grpo: each row one sampled answer. With grpo.beta, the reference's log-probabilities
+        first (the adapter disabled, no graph), then the policy's."""
+        grpo = self.cfg.grpo
+        old_logps, advantages, labels = batch.pop("old_logps"), batch.pop("advantages"), batch.pop("labels")
+        positions = loss_positions(labels, None)
+        reference = None
+        with self.autocast():
+            if grpo.beta > 0:
+                with torch.no_grad(), self.base.disable_adapter():
+                    logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
+                    reference = token_logps(logits, labels, positions)
+            logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits
+        return grpo_loss(logits, labels, positions, old_logps, advantages, reference, grpo.clip_range, grpo.beta)
 
     def autocast(self):
         """bf16/fp16 matmuls on GPUs for fp32 adapters over a half-precision base; nothing on CPU (fp32)."""
