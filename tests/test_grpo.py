@@ -117,9 +117,8 @@ def test_bad_grpo_recipes_and_data_are_refused_before_training(tmp_path):
         with pytest.raises(ConfigError, match=needle):
             check_supported(load_config(recipe, overrides))
     data = tmp_path / "prompts.jsonl"
-    for line, needle in [("not json", ":1: not valid JSON"), ('{"text": "hi"}', ":1: each line needs 'messages'"),
-                         ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
-                          ":1: the conversation ends with an assistant turn")]:
+    for line, needle in [("not json", ":1: invalid JSON"), ('{"text": "hi"}', ":1: a prompt record needs"),
+                         ('{"messages": [{"role": "assistant", "content": "b"}]}', ":1: no user message")]:
         data.write_text(line + "\n")
         with pytest.raises(DataError, match=needle):
             read_rl_prompts(load_config(recipe, [f"data.train=[{data}]"]))

@@ -98,7 +98,7 @@ def _hf_records(spec: str) -> Iterable[tuple[object, str]]:
         yield record, f"{spec}[{i}]"
 
 
-def _read_all(source: str | Path, parse) -> list:
+def read_records(source: str | Path, parse) -> list:
     """Every record of one source (a .json/.jsonl file or `hf:<dataset>[:split]`), each through
     `parse(record, where)`; none is an error."""
     source = str(source)
@@ -111,7 +111,7 @@ def _read_all(source: str | Path, parse) -> list:
 
 def read_conversations(source: str | Path) -> list[Conversation]:
     """All conversations of one source: a .json/.jsonl file or `hf:<dataset>[:split]`."""
-    return _read_all(source, to_conversation)
+    return read_records(source, to_conversation)
 
 
 def to_prompt(record: object, where: str) -> Conversation:
@@ -135,7 +135,7 @@ def to_prompt(record: object, where: str) -> Conversation:
 def read_prompts(source: str | Path) -> list[Conversation]:
     """All prompts of one source (.json/.jsonl or `hf:<dataset>[:split]`), each a conversation ending in a
     user turn."""
-    return _read_all(source, to_prompt)
+    return read_records(source, to_prompt)
 
 
 @dataclass
@@ -175,7 +175,7 @@ def to_preference(record: object, where: str) -> Preference:
 
 def read_preferences(source: str | Path) -> list[Preference]:
     """All preference pairs of one source (.json/.jsonl or `hf:<dataset>[:split]`)."""
-    return _read_all(source, to_preference)
+    return read_records(source, to_preference)
 
 
 def read_text(source: str) -> str:

@@ -13,7 +13,6 @@ kernels and the trainer's is clipped like any other policy change rather than tr
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cluster.storage import locate
-from jobs.data.records import DataError
+from jobs.data.records import read_records, to_prompt
 from jobs.data.tokenize import IGNORE
 from jobs.finetune.config import FinetuneConfig
 from jobs.finetune.rewards import load_reward, score
@@ -32,38 +31,19 @@ POLICY_FOLDER = "rollout_policy"
 
 
 def read_rl_prompts(cfg: FinetuneConfig) -> list[dict]:
-    """Each line of data.train: `{"messages": [...], ...}` (a conversation to answer; every other field goes
-    to the rewards), or a GSM8K line `{"question", "answer"}`, asked with the evaluate job's instruction."""
+    """Each record of data.train: a prompt as the distillation data has them (`{"messages": [...]}` up to its
+    last user turn, or `{"prompt": "..."}`), or a GSM8K line `{"question", "answer"}`, asked with the
+    evaluate job's instruction. Every other field goes to the rewards. Errors name the file and line."""
     from jobs.evaluate.gsm8k import INSTRUCTION
 
-    prompts = []
-    for source in cfg.data.train:
-        location = locate(source)
-        if not location.is_file():
-            raise DataError(f"{source}: data file not found ({location.uri})")
-        for number, line in enumerate(location.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
-            if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"] and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in record["messages"]):
-                if record["messages"][-1]["role"] == "assistant":
-                    raise DataError(f"{source}:{number}: the conversation ends with an assistant turn; a prompt "
-                                    "ends with the turn the model answers")
-                messages = record["messages"]
-            elif isinstance(record, dict) and isinstance(record.get("question"), str):
-                messages = [{"role": "user", "content": f"{record['question']}\n{INSTRUCTION}"}]
-            else:
-                raise DataError(f"{source}:{number}: each line needs 'messages' (a list of {{role, content}} "
-                                "turns to answer) or a GSM8K 'question'")
-            prompts.append({"messages": messages, "fields": {k: v for k, v in record.items() if k != "messages"}})
-    if not prompts:
-        raise DataError(f"{', '.join(cfg.data.train)}: no prompts")
-    return prompts
+    def parse(record: object, where: str) -> dict:
+        if isinstance(record, dict) and "messages" not in record and isinstance(record.get("question"), str):
+            messages = [{"role": "user", "content": f"{record['question']}\n{INSTRUCTION}"}]
+        else:
+            messages = to_prompt(record, where)
+        return {"messages": messages, "fields": {k: v for k, v in record.items() if k not in ("messages", "prompt")}}
+
+    return [prompt for source in cfg.data.train for prompt in read_records(source, parse)]
 
 
 def tokenize_prompts(cfg: FinetuneConfig, tokenizer, prompts: list[dict]) -> tuple[list[dict], int]:
