@@ -126,8 +126,8 @@ def test_recipe_errors_name_the_setting(tmp_path):
         check_supported(load_config(None, [*base, "loss.distill_weight=1", "loss.distill_prompts=[x.jsonl]"]))
     with pytest.raises(ConfigError, match="dpo settings are given but objective is sft"):
         load_config(None, [base[0], "dpo.beta=0.5"])
-    with pytest.raises(ConfigError, match="objective: Input should be 'sft' or 'dpo'"):
-        load_config(None, [base[0], "objective=grpo"])
+    with pytest.raises(ConfigError, match="objective: Input should be 'sft', 'dpo' or 'grpo'"):
+        load_config(None, [base[0], "objective=ppo"])
     with pytest.raises(ConfigError, match="dpo.loss_type"):
         load_config(None, [*base, "dpo.loss_type=kto"])
 
