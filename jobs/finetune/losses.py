@@ -103,6 +103,13 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, distill: dict | None, di
     return loss, parts
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[rows, len(positions)]: the log-probability of each labelled token (0 where there is no label)."""
+    targets = labels[:, positions + 1]
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * (targets != IGNORE)
+
+
 # -- preference pairs (objective: dpo) --------------------------------------------------------------------------
 
 def pair_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
@@ -111,11 +118,10 @@ def pair_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tens
     token counts. `logits` are at `positions` (from `loss_positions`); each row holds one pair."""
     from jobs.data.tokenize import NON_PREFERRED, PREFERRED
 
-    targets = labels[:, positions + 1]
-    sides = pair_side[:, positions + 1] * (targets != IGNORE)  # a side's mark only where a label is
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sides = pair_side[:, positions + 1] * (labels[:, positions + 1] != IGNORE)  # a side's mark only where a label is
+    logps = token_logps(logits, labels, positions)
     masks = [(sides == side).float() for side in (PREFERRED, NON_PREFERRED)]
-    return torch.stack([(token_logps * mask).sum(-1) for mask in masks] + [mask.sum(-1) for mask in masks], dim=-1)
+    return torch.stack([(logps * mask).sum(-1) for mask in masks] + [mask.sum(-1) for mask in masks], dim=-1)
 
 
 def preference_loss(policy: torch.Tensor, reference: torch.Tensor | None, loss_type: str, beta: float,
@@ -152,13 +158,6 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor | None, loss_t
 
 
 # -- rollouts (objective: grpo) ---------------------------------------------------------------------------------
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[rows, len(positions)]: the log-probability of each labelled token (0 where there is no label)."""
-    targets = labels[:, positions + 1]
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logps * (targets != IGNORE)
-
 
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, old_logps: torch.Tensor,
               advantages: torch.Tensor, reference: torch.Tensor | None, clip_range: float,

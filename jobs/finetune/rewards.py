@@ -21,7 +21,7 @@ import json
 import math
 from typing import Callable
 
-from jobs.evaluate.gsm8k import extract_flexible, extract_strict, normalize, reference_answer
+from jobs.evaluate.gsm8k import extract_flexible, extract_strict, reference_answer
 
 Reward = Callable[[list, str, dict], float]
 
@@ -30,7 +30,7 @@ def _reference(example: dict) -> str:
     answer = example.get("answer")
     if not isinstance(answer, str):
         raise ValueError("this reward needs the example's 'answer' (a GSM8K solution or its final number)")
-    return reference_answer(answer) if "####" in answer else normalize(answer)
+    return reference_answer(answer)  # the number after '####', or the whole answer when it has none
 
 
 def gsm8k_strict(prompt: list, completion: str, example: dict) -> float:
