@@ -346,6 +346,22 @@ def engine_handle(server):
     return serve.get_deployment_handle(engine_deployment_name(MODEL_ID), app_name="tuneserve")
 
 
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Setup, call and teardown time per module (session fixtures count where they start), for the summary."""
+    module = report.nodeid.split("::")[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The suite has a time budget: show where it goes, module by module."""
+    if not _MODULE_SECONDS:
+        return
+    terminalreporter.section("seconds per module")
+    for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}s  {module}")
 
 
 def pytest_collection_modifyitems(items):
