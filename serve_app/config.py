@@ -119,9 +119,10 @@ class ModelConfig(_Strict):
     # Serve spreads replicas over nodes by default; this caps how many may share one node.
     max_replicas_per_node: int | None = Field(None, ge=1)
     resources: Resources = Field(default_factory=Resources)
-    # Engine steps are coalesced into one streamed chunk per interval: per-token Ray streaming
-    # costs more than it carries. 0 sends every step.
-    stream_interval_ms: float = Field(15.0, ge=0)
+    # 0 streams every engine step as vLLM does. N > 0 coalesces the tokens of N ms into one chunk: fewer
+    # events, but a percentile over events then lands inside the engine's own prefill stalls
+    # (docs/benchmarks.md), and no throughput was gained on a GPU or this CPU.
+    stream_interval_ms: float = Field(0.0, ge=0)
     owned_by: str = "tuneserve"
     price: Price = Field(default_factory=Price)  # what a request costs, for usage.cost and price routing
     adapters: list[AdapterConfig] = Field(default_factory=list)

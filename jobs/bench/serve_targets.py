@@ -140,7 +140,7 @@ def router_in_front(spec: EngineSpec, upstream_url: str) -> Iterator[str]:
         yield url
 
 
-def tuneserve_config(spec: EngineSpec, stream_interval_ms: float = 15.0, replicas: int = 1,
+def tuneserve_config(spec: EngineSpec, stream_interval_ms: float | None = None, replicas: int = 1,
                      autoscale_to: int | None = None, ingress_replicas: int | None = None,
                      target_ongoing_requests: float = 48) -> dict:
     """The app config of the bench: `replicas` engine replicas, or autoscaling from 1 to `autoscale_to` on
@@ -150,7 +150,8 @@ def tuneserve_config(spec: EngineSpec, stream_interval_ms: float = 15.0, replica
         "upscale_delay_s": 5, "downscale_delay_s": 600}}
     return {"models": [{
         "id": spec.model_id, "path": spec.path, "dtype": spec.dtype, "max_model_len": spec.max_model_len,
-        **scaling, "max_ongoing_requests": 256, "stream_interval_ms": stream_interval_ms,
+        **scaling, "max_ongoing_requests": 256,
+        **({} if stream_interval_ms is None else {"stream_interval_ms": stream_interval_ms}),
         "resources": {"num_cpus": 1, "num_gpus": 1 if spec.on_gpu else 0},
         "engine_kwargs": {k: v for k, v in spec.vllm_kwargs().items() if k not in ("dtype", "max_model_len")},
     }], "ingress": {"num_replicas": ingress_replicas or autoscale_to or replicas}}
