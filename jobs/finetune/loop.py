@@ -301,7 +301,7 @@ def train_loop(loop_config: dict) -> None:
     if engine is not None and start_step:  # a resumed run: the engine samples from the restored policy
         _publish_policy(strategy, tokenizer, engine, start_step, run, rank)
     sink = MetricsSink(run, cfg.monitor.tensorboard, start_step) if rank == 0 else None
-    rows_per_step = cfg.train.grad_accum * cfg.train.micro_batch_size
+    worker_rows_per_step = cfg.train.grad_accum * cfg.train.micro_batch_size  # config.rows_per_step: all workers
     pad_id = padding_id(tokenizer)
     width = cfg.data.max_length if cfg.data.packing and device.type == "cuda" else None  # static shapes on GPU
     progress = None
@@ -315,21 +315,20 @@ def train_loop(loop_config: dict) -> None:
     step = start_step
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        mine = worker_rows(rows, epoch, cfg.data.shuffle_seed, rank, world, steps_per_epoch * rows_per_step)
+        mine = worker_rows(rows, epoch, cfg.data.shuffle_seed, rank, world, steps_per_epoch * worker_rows_per_step)
         for step_in_epoch in range(offset, min(steps_per_epoch, offset + total_steps - step)):
             started = time.perf_counter()
-            first = step_in_epoch * rows_per_step
+            first = step_in_epoch * worker_rows_per_step
+            batch = mine[first:first + worker_rows_per_step]
             if engine is not None:
                 from jobs.finetune.rollout import rollout_step
 
-                rolled, grad_norm = rollout_step(cfg, strategy, engine, mine[first:first + rows_per_step], pad_id,
-                                                 device, step)
+                rolled, grad_norm = rollout_step(cfg, strategy, engine, batch, pad_id, device, step)
                 synced = time.perf_counter()
                 _publish_policy(strategy, tokenizer, engine, step + 1, run, rank)
                 own = StepFigures(**rolled, sync_s=time.perf_counter() - synced)
             else:
-                own, grad_norm = _train_step(cfg, strategy, mine[first:first + rows_per_step], pad_id, width,
-                                             device, hinge_on=step >= hinge_from)
+                own, grad_norm = _train_step(cfg, strategy, batch, pad_id, width, device, hinge_on=step >= hinge_from)
             step += 1
             window_tokens += own.tokens  # this worker's step
             window_s += time.perf_counter() - started
