@@ -319,16 +319,16 @@ def train_loop(loop_config: dict) -> None:
         for step_in_epoch in range(offset, min(steps_per_epoch, offset + total_steps - step)):
             started = time.perf_counter()
             first = step_in_epoch * worker_rows_per_step
-            batch = mine[first:first + worker_rows_per_step]
+            step_rows = mine[first:first + worker_rows_per_step]
             if engine is not None:
                 from jobs.finetune.rollout import rollout_step
 
-                rolled, grad_norm = rollout_step(cfg, strategy, engine, batch, pad_id, device, step)
+                rolled, grad_norm = rollout_step(cfg, strategy, engine, step_rows, pad_id, device, step)
                 synced = time.perf_counter()
                 _publish_policy(strategy, tokenizer, engine, step + 1, run, rank)
                 own = StepFigures(**rolled, sync_s=time.perf_counter() - synced)
             else:
-                own, grad_norm = _train_step(cfg, strategy, batch, pad_id, width, device, hinge_on=step >= hinge_from)
+                own, grad_norm = _train_step(cfg, strategy, step_rows, pad_id, width, device, hinge_on=step >= hinge_from)
             step += 1
             window_tokens += own.tokens  # this worker's step
             window_s += time.perf_counter() - started
