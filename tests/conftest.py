@@ -5,6 +5,7 @@ The app under test runs with API keys on, so that auth is exercised on every req
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -91,6 +92,11 @@ os.environ.update({
 from cluster import local
 
 os.environ.update({k: v for k, v in local.client_env().items() if k != "RAY_ADDRESS"})
+importlib.import_module("ray")  # this process keeps 127.0.0.1 for the local head: Ray reads that at import
+
+# The commands the tests run get a user's shell instead, which does not have this: a job that imported ray
+# before cluster.local.connect() would reach the head through the host's external address, and must fail.
+os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 
 
 @pytest.fixture(scope="session")

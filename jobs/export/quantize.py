@@ -200,12 +200,12 @@ def quantize(spec: QuantizeSpec) -> dict:
 def run(model: str, method: str, calibration: str | None, samples: int, out: str, max_length: int = 512,
         device: str = "cpu", group_size: int = 0, num_cpus: float = 1) -> dict:
     """Check everything, then quantize in a Ray task of the quantizer's environment (on a GPU for cuda)."""
-    import ray
-
     from cluster.local import connect
     from cluster.storage import is_uri
 
-    connect(logging_level=logging.WARNING)
+    connect(logging_level=logging.WARNING)  # before ray is imported: it keeps a local head's 127.0.0.1
+    import ray
+
     gpus = ray.cluster_resources().get("GPU", 0)
     conversations = check_inputs(model, method, calibration, samples, out, device, gpus)
     log.info("quantizing %s with %s (%s) on %d calibration samples; output %s", model, method,

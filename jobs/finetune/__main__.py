@@ -152,14 +152,15 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> dict:
     log.info("data: %s; %d steps (%d per epoch)%s", json.dumps(data_stats), total_steps, steps_per_epoch,
              " before the distillation examples" if distill_prompts else "")
 
+    from cluster.local import connect
+
+    connect(logging_level=logging.WARNING)  # before ray is imported: it keeps a local head's 127.0.0.1
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.local import connect
     from cluster.resources import cluster_has_gpus
 
-    connect(logging_level=logging.WARNING)
     use_gpu = cluster_has_gpus() if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
     check_dtype(cfg, use_gpu)
     dtype = resolved_dtype(cfg, use_gpu)
