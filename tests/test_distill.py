@@ -382,6 +382,15 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
                    for t in openings)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data"]["distill_examples"] == 2 * 48  # each prompt's answer and its opening
+    # What each method saves (the SFT-only tests of these strategies live here, to train once)
+    from tests.test_finetune import logits
+
+    if method == "full":
+        assert (logits(Path(summary["model"])) - logits(tiny_llama)).abs().max() > 1e-3
+    else:
+        assert (logits(tiny_llama, Path(summary["adapter"])) - logits(Path(summary["merged"]))).abs().max() < 1e-4
+    if method == "qlora":  # merged into the full-precision base, not the 4-bit one
+        assert "quantization_config" not in json.loads((Path(summary["merged"]) / "config.json").read_text())
 
 
 _TARGETS: dict[str, Path] = {}

@@ -98,18 +98,18 @@ def test_dp1_and_dp2_give_identical_outputs(tmp_path):
     """Two offline engines as Ray actors split the questions and merge them back in order; at temperature 0
     the per-example outputs match one engine's. Runs in its own local Ray (the job's own path).
 
-    Not every output is byte-identical: one engine batches 20 prompts and each of two engines 10, and float32
+    Not every output is byte-identical: one engine batches 10 prompts and each of two engines 5, and float32
     sums over other batch shapes can flip a late greedy choice (seen once in CI: question 19 diverged after
     its first sentence). So every answer must begin the same way (the right question in the right place),
     and all but one must be identical."""
     runs = {}
     for replicas in (1, 2):
         out = tmp_path / f"dp{replicas}"
-        result = _evaluate("--mode", "dp", "--replicas", str(replicas), "--limit", "20", "--max-tokens", "96",
+        result = _evaluate("--mode", "dp", "--replicas", str(replicas), "--limit", "10", "--max-tokens", "64",
                            "--out", str(out), own_ray=True)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[replicas] = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [s["index"] for s in runs[2]] == list(range(20))
+    assert [s["index"] for s in runs[2]] == list(range(10))
     pairs = [(one["response"], two["response"]) for one, two in zip(runs[1], runs[2])]
     assert all(one[:40] == two[:40] for one, two in pairs), pairs
     assert sum(one == two for one, two in pairs) >= len(pairs) - 1, pairs
