@@ -144,8 +144,8 @@ def vllm_upstream():
     import subprocess
     import sys
 
-    from cluster.model_cache import ensure_default_model
     from cluster.engine_defaults import CPU_ENGINE_ENV
+    from cluster.model_cache import ensure_default_model
 
     port = free_port()
     log = open(tempfile.mkstemp(prefix="vllm-upstream-", suffix=".log")[1], "w")

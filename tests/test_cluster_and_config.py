@@ -141,8 +141,8 @@ def test_tensor_parallel_defaults_only_where_multicast_is_off():
 
 
 def test_cpu_engines_default_to_bf16_only_where_the_cpu_has_native_bf16():
-    from serve_app.config import ModelConfig
     from cluster.engine_defaults import cpu_has_native_bf16, resolve_dtype
+    from serve_app.config import ModelConfig
 
     zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
     sapphire = "flags\t\t: avx2 avx512f amx_bf16 amx_tile\n"

@@ -8,15 +8,15 @@ import asyncio
 
 import pytest
 
-from tests.upstream import UpstreamServer
 from serve_app.auth import ANONYMOUS
 from serve_app.config import AppConfig
 from serve_app.metrics import ServingMetrics
 from serve_app.protocol import REQUEST_MODELS
-from serve_app.providers.remote import RemoteProvider
 from serve_app.providers.ranking import Router
+from serve_app.providers.remote import RemoteProvider
 from serve_app.serving import OpenAIServing
 from serve_app.usage_store import Accounting
+from tests.upstream import UpstreamServer
 
 
 @pytest.fixture(scope="module")
