@@ -435,11 +435,12 @@ def connect(**init_kwargs):
 
         return ray.init(address=address, **init_kwargs)
     os.environ.pop("RAY_ADDRESS", None)  # a dashboard URL is for the job CLI, not ray.init
-    if "ray" in sys.modules and cluster_state() is None and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
-        # Ray decided at import to reach 127.0.0.1 through this host's external address, where neither the
-        # local head nor a fresh local Ray listens: ray.init would wait on it for ever.
-        raise RuntimeError("cluster.local.connect() must run before `import ray` when Ray runs on this machine")
     if is_up():
+        if "ray" in sys.modules and head_host() == HOST and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+            # Ray decided at import to reach 127.0.0.1 through this host's external address, where the local
+            # head does not listen: ray.init would wait on it for ever.
+            raise RuntimeError("cluster.local.connect() must run before `import ray` when the head is this "
+                               "machine's loopback one")
         for key, value in client_env().items():
             if key != "RAY_ADDRESS":
                 os.environ.setdefault(key, value)

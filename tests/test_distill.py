@@ -343,7 +343,7 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
     resume path: no second teacher run, the same targets). The teacher answers greedily here
     (`distill_temperature=0`; the shipped recipe samples at 1): each answer token is its own top-1. The
     greedy openings (`distill_opening_tokens`) are one more short KL-only example per prompt."""
-    from tests.test_finetune import finetune, metrics, recipe
+    from tests.test_finetune import finetune, logits, metrics, recipe
 
     data, prompts = assistant_data
     loss = {"distill_weight": 1.0, "distill_prompts": [str(prompts)], "distill_max_tokens": 24,
@@ -383,8 +383,6 @@ def test_distillation_runs_with_every_method_and_strategy(ray_head, tmp_path, ti
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data"]["distill_examples"] == 2 * 48  # each prompt's answer and its opening
     # What each method saves (the SFT-only tests of these strategies live here, to train once)
-    from tests.test_finetune import logits
-
     if method == "full":
         assert (logits(Path(summary["model"])) - logits(tiny_llama)).abs().max() > 1e-3
     else:
